@@ -1,0 +1,387 @@
+"""Wan2.1 adapter: a KV cache around a stock ``diffusers.WanTransformer3DModel`` (no fork).
+
+Semantics (Self Forcing's, see docs "Concepts"):
+
+* The self-attention processor of every block (``blocks[i].attn1``) is swapped for
+  :class:`CachedWanAttnProcessor`. It computes queries, keys and values exactly as diffusers'
+  ``WanAttnProcessor`` does, writes the chunk's keys (after RoPE) and values into its provisional slot of
+  the :class:`~cachepolicy.cache.KVCache` and attends to ``[resident context, own chunk]``.
+* RoPE: diffusers' ``WanRotaryPosEmbed`` always starts at frame 0. A ``diffusers.hooks.ModelHook`` on
+  ``model.rope`` returns the rotary tables of the chunk's *absolute* frame positions instead, indexed out
+  of the module's own ``freqs_cos``/``freqs_sin`` buffers (bit-identical to a full forward). Keys are stored
+  after RoPE, so cached keys keep their absolute positions.
+* Timesteps: one per latent frame; a chunk whose frames share one timestep passes a ``(B,)`` timestep,
+  otherwise a ``(B, L)`` per-token timestep (each frame's value repeated over its tokens), which diffusers
+  supports and which reproduces Self Forcing's per-frame modulation.
+* Token order is frame, row, column; with patch ``(1, p_h, p_w)`` a chunk never mixes frames, so chunking
+  along frames is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+from cachepolicy.cache import KVCache, metadata_for_chunk
+from cachepolicy.errors import CacheShapeError, CheckpointError, ParameterError, RolloutConfigError
+from cachepolicy.models import ModelAdapter, ModelInfo, Sampler
+
+logger = logging.getLogger(__name__)
+
+ROPE_HOOK_NAME = "cachepolicy_absolute_rope"
+
+
+def apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, L, H, D]`` by interleaved-pair RoPE tables ``[1, L, 1, D]`` (diffusers' Wan formula)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class _ForwardState:
+    """What the processors and the RoPE hook need during one adapter forward (set, then cleared)."""
+
+    def __init__(self) -> None:
+        self.cache: KVCache | None = None
+        self.num_tokens = 0
+        self.write_index: Any = None
+        self.key_mask: torch.Tensor | None = None
+        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def clear(self) -> None:
+        self.__init__()
+
+
+class _AbsoluteRopeHook(ModelHook):
+    """Replaces ``WanRotaryPosEmbed.forward`` by the chunk's precomputed absolute-position tables."""
+
+    def __init__(self, state: _ForwardState) -> None:
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.state.rotary is None:  # called outside an adapter forward: behave like stock diffusers
+            return self.fn_ref.original_forward(hidden_states)
+        return self.state.rotary
+
+
+class CachedWanAttnProcessor:
+    """Self-attention of one Wan block against the KV cache (keys stored after RoPE)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, layer: int, state: _ForwardState) -> None:
+        self.layer = layer
+        self.state = state
+        self._stock = WanAttnProcessor()
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        state = self.state
+        if state.cache is None:  # not inside an adapter forward: stock behaviour
+            return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if getattr(attn, "fused_projections", False):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = apply_rotary(query, *rotary_emb)
+            key = apply_rotary(key, *rotary_emb)
+        cache = state.cache
+        cache.write(self.layer, key, value, state.write_index)
+        keys, values = cache.read(self.layer, state.num_tokens)
+        out = dispatch_attention_fn(
+            query, keys, values, attn_mask=state.key_mask, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend,
+        )
+        out = out.flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+class _MaskedProcessor:
+    """Stock ``WanAttnProcessor`` with a fixed attention mask injected (the block passes none)."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self._stock = WanAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return self._stock(attn, hidden_states, encoder_hidden_states, self.mask, rotary_emb)
+
+
+def masked_forward(
+    model: WanTransformer3DModel,
+    hidden_states: torch.Tensor,
+    timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """One full forward of a stock Wan model with a self-attention mask.
+
+    Every ``blocks[i].attn1`` temporarily gets diffusers' own ``WanAttnProcessor`` with ``attention_mask``
+    (bool ``[B or 1, 1, L, L]``, True = may attend) injected; processors are restored afterwards. Used as
+    the equivalence oracle and for block-causal training.
+    """
+    originals = [block.attn1.processor for block in model.blocks]
+    hooks = _suspend_rope_hook(model)
+    try:
+        for block in model.blocks:
+            block.attn1.set_processor(_MaskedProcessor(attention_mask))
+        return model(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                     return_dict=False)[0]
+    finally:
+        for block, processor in zip(model.blocks, originals):
+            block.attn1.set_processor(processor)
+        hooks()
+
+
+def _suspend_rope_hook(model: torch.nn.Module):
+    """Remove our RoPE hook while a stock forward runs; return a function that puts it back."""
+    registry = getattr(model.rope, "_diffusers_hook", None)
+    hook = registry.get_hook(ROPE_HOOK_NAME) if registry is not None else None
+    if hook is None:
+        return lambda: None
+    registry.remove_hook(ROPE_HOOK_NAME, recurse=False)
+    return lambda: registry.register_hook(hook, ROPE_HOOK_NAME)
+
+
+def block_causal_mask(frames_per_block: int, num_frames: int, tokens_per_frame: int,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool ``[1, 1, L, L]`` mask: a token of block ``j`` attends to every token of blocks ``<= j``."""
+    block = torch.arange(num_frames, device=device) // frames_per_block
+    block = block.repeat_interleave(tokens_per_frame)
+    return (block.unsqueeze(0) <= block.unsqueeze(1))[None, None]
+
+
+class WanAdapter(ModelAdapter):
+    """KV-cached autoregressive rollouts of any ``WanTransformer3DModel`` config.
+
+    Args:
+        model: the stock diffusers model (its ``attn1`` processors are swapped; see :meth:`detach`).
+        name: model name recorded in outputs.
+        latent_size: ``(H, W)`` latent pixels per frame (Wan2.1 at 480x832: ``(60, 104)``).
+        frames_per_chunk: latent frames per chunk (3 for every Wan-based AR system).
+        text_encoder: callable ``prompts -> [B, L, text_dim]`` conditioning, on any device.
+        sampler: the model's default denoising recipe.
+    """
+
+    def __init__(
+        self,
+        model: WanTransformer3DModel,
+        *,
+        name: str,
+        latent_size: tuple[int, int],
+        text_encoder: Any,
+        frames_per_chunk: int = 3,
+        sampler: Sampler | None = None,
+    ) -> None:
+        if not isinstance(model, WanTransformer3DModel):
+            raise ParameterError(f"WanAdapter wraps a diffusers WanTransformer3DModel, got {type(model).__name__}")
+        config = model.config
+        p_t, p_h, p_w = config.patch_size
+        height, width = latent_size
+        if p_t != 1:
+            raise ParameterError(f"patch_size {tuple(config.patch_size)}: chunked rollouts need a temporal patch of 1")
+        if height % p_h or width % p_w:
+            raise ParameterError(
+                f"latent size {height}x{width} is not divisible by the patch size {p_h}x{p_w}"
+            )
+        if config.added_kv_proj_dim is not None:
+            raise ParameterError("image-conditioned Wan models (added_kv_proj_dim) are not supported yet")
+        self.model = model.eval()
+        self.text_encoder = text_encoder
+        # the compute dtype: modules kept in float32 (RoPE, norms, time embedder) do not count
+        param = model.patch_embedding.weight
+        self.info = ModelInfo(
+            name=name,
+            adapter="wan",
+            frames_per_chunk=frames_per_chunk,
+            latent_channels=config.in_channels,
+            latent_height=height,
+            latent_width=width,
+            token_rows=height // p_h,
+            token_cols=width // p_w,
+            num_layers=config.num_layers,
+            num_heads=config.num_attention_heads,
+            head_dim=config.attention_head_dim,
+            max_frames=config.rope_max_seq_len,
+            device=str(param.device),
+            dtype=str(param.dtype).removeprefix("torch."),
+            sampler=sampler or Sampler(),
+        )
+        self._state = _ForwardState()
+        self._original_processors = [block.attn1.processor for block in model.blocks]
+        for layer, block in enumerate(model.blocks):
+            block.attn1.set_processor(CachedWanAttnProcessor(layer, self._state))
+        HookRegistry.check_if_exists_or_initialize(model.rope).register_hook(
+            _AbsoluteRopeHook(self._state), ROPE_HOOK_NAME
+        )
+        # rotary tables per axis, [max_seq_len, dim_axis] (float64 like diffusers on CPU/CUDA)
+        rope = model.rope
+        split = [rope.t_dim, rope.h_dim, rope.w_dim]
+        self._cos = rope.freqs_cos.split(split, dim=1)
+        self._sin = rope.freqs_sin.split(split, dim=1)
+
+    # ------------------------------------------------------------------------------------ lifecycle
+    def detach(self) -> WanTransformer3DModel:
+        """Restore the model's stock processors and RoPE; returns the model."""
+        for block, processor in zip(self.model.blocks, self._original_processors):
+            block.attn1.set_processor(processor)
+        HookRegistry.check_if_exists_or_initialize(self.model.rope).remove_hook(ROPE_HOOK_NAME, recurse=False)
+        return self.model
+
+    # ------------------------------------------------------------------------------------- contract
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        embeddings = self.text_encoder(list(prompts))
+        param = self.model.patch_embedding.weight
+        return embeddings.to(device=param.device, dtype=param.dtype)
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        info = self.info
+        param = self.model.patch_embedding.weight
+        return KVCache(info.num_layers, batch_size, info.num_heads, info.head_dim, info.token_cols,
+                       device=param.device, dtype=param.dtype, capacity=2 * info.tokens_per_chunk)
+
+    def check_rollout(self, num_frames: int, batch_size: int) -> None:
+        limit = self.info.max_frames
+        if num_frames > limit:
+            frames_per_chunk = self.info.frames_per_chunk
+            raise RolloutConfigError(
+                f"a rollout of {num_frames} latent frames ({num_frames // frames_per_chunk} chunks) passes the "
+                f"model's rope_max_seq_len={limit}: RoPE positions stop at frame {limit - 1}; generate at most "
+                f"{limit // frames_per_chunk} chunks"
+            )
+        if max(self.info.token_rows, self.info.token_cols) > limit:
+            raise RolloutConfigError(
+                f"a token grid of {self.info.token_rows}x{self.info.token_cols} passes rope_max_seq_len={limit}"
+            )
+
+    def rotary(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables ``[1, F * rows * cols, 1, head_dim]`` for the given frame positions ``[F]``."""
+        rows, cols = self.info.token_rows, self.info.token_cols
+        num_frames = frames.shape[0]
+        out = []
+        for tables in (self._cos, self._sin):
+            t = tables[0][frames].view(num_frames, 1, 1, -1).expand(num_frames, rows, cols, -1)
+            h = tables[1][:rows].view(1, rows, 1, -1).expand(num_frames, rows, cols, -1)
+            w = tables[2][:cols].view(1, 1, cols, -1).expand(num_frames, rows, cols, -1)
+            out.append(torch.cat([t, h, w], dim=-1).reshape(1, num_frames * rows * cols, 1, -1))
+        return out[0], out[1]
+
+    def forward(self, latent: torch.Tensor, timesteps: torch.Tensor, frame_start: int, chunk: int,
+                cache: KVCache, conditioning: torch.Tensor, commit: bool) -> torch.Tensor:
+        info = self.info
+        batch, channels, num_frames, height, width = latent.shape
+        if (channels, height, width) != (info.latent_channels, info.latent_height, info.latent_width):
+            raise CacheShapeError(
+                f"latent of shape {tuple(latent.shape)} does not match the model's "
+                f"[B, {info.latent_channels}, F, {info.latent_height}, {info.latent_width}]"
+            )
+        if batch != cache.batch_size:
+            raise CacheShapeError(f"a batch of {batch} samples does not match the cache's batch of {cache.batch_size}")
+        if conditioning.shape[0] != batch:
+            raise CacheShapeError(f"conditioning for {conditioning.shape[0]} samples, latent has {batch}")
+        num_tokens = num_frames * info.tokens_per_frame
+        cache.reserve(num_tokens)
+        device = latent.device
+        frames = torch.arange(frame_start, frame_start + num_frames, device=self._cos[0].device)
+        state = self._state
+        state.cache = cache
+        state.num_tokens = num_tokens
+        state.write_index = cache.write_index(num_tokens)
+        state.key_mask = cache.key_mask(num_tokens)
+        state.rotary = self.rotary(frames)
+        if bool((timesteps == timesteps[:, :1]).all()):
+            timestep = timesteps[:, 0].to(device=device, dtype=torch.float32)
+        else:
+            timestep = timesteps.repeat_interleave(info.tokens_per_frame, dim=1).to(device=device, dtype=torch.float32)
+        try:
+            with torch.no_grad():
+                out = self.model(hidden_states=latent, timestep=timestep, encoder_hidden_states=conditioning,
+                                 return_dict=False)[0]
+        finally:
+            state.clear()
+        if commit:
+            cache.commit(metadata_for_chunk(batch, frame_start, num_frames, info.token_rows, info.token_cols,
+                                            chunk, device=cache.device))
+        return out
+
+    def token_grid(self, latent: torch.Tensor) -> torch.Tensor:
+        """``[B, C, F, H, W]`` -> ``[B, F, N, C * p_h * p_w]`` on the cache's token grid (row-major)."""
+        _, p_h, p_w = self.model.config.patch_size
+        batch, channels, num_frames, height, width = latent.shape
+        grid = latent.reshape(batch, channels, num_frames, height // p_h, p_h, width // p_w, p_w)
+        grid = grid.permute(0, 2, 3, 5, 1, 4, 6)  # B, F, rows, cols, C, p_h, p_w
+        return grid.reshape(batch, num_frames, (height // p_h) * (width // p_w), channels * p_h * p_w)
+
+
+# ------------------------------------------------------------------------------------------ loaders
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32" | "bfloat16" | "float16"`` (or a torch dtype) -> torch dtype, with a clear error."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    allowed = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in allowed:
+        raise ParameterError(f"dtype {dtype!r} is not supported; use one of float32, bfloat16, float16")
+    return allowed[dtype]
+
+
+def cast_model(model: WanTransformer3DModel, device: str | torch.device,
+               dtype: str | torch.dtype) -> WanTransformer3DModel:
+    """Move a model to ``device`` and ``dtype`` as diffusers' ``from_pretrained(torch_dtype=...)`` does:
+    parameters whose name contains an entry of ``_keep_in_fp32_modules`` (RoPE, time embedder, norms,
+    modulation tables) stay float32."""
+    dtype = parse_dtype(dtype)
+    model = model.to(device=device)
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.is_floating_point() and not any(part in name for part in keep):
+                param.data = param.data.to(dtype)
+    return model
+
+
+def load_diffusers_wan(path: str | None = None, *, device: str = "cpu", dtype: str = "float32",
+                       latent_size: tuple[int, int] = (60, 104), frames_per_chunk: int = 3,
+                       text_encoder: Any = None, **_: Any) -> WanAdapter:
+    """Load a ``WanTransformer3DModel`` saved in diffusers format from a local folder.
+
+    Without ``text_encoder`` prompts are embedded by a deterministic hashed-word table (no UMT5 weights
+    are needed); real text conditioning arrives with the text-encoder loader.
+    """
+    from cachepolicy.adapters.wan.tiny import HashedWordEncoder
+
+    if path is None:
+        raise ParameterError("model 'wan-diffusers' needs path=DIR (a folder with config.json and weights)")
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json: not a diffusers model folder")
+    model = WanTransformer3DModel.from_pretrained(folder, torch_dtype=parse_dtype(dtype), local_files_only=True)
+    model = model.to(device)
+    encoder = text_encoder or HashedWordEncoder(model.config.text_dim)
+    return WanAdapter(model, name=str(folder), latent_size=tuple(latent_size), text_encoder=encoder,
+                      frames_per_chunk=frames_per_chunk)

@@ -1,0 +1,172 @@
+"""The Python API; it mirrors the CLI (``cachepolicy run``).
+
+Example::
+
+    import cachepolicy as cp
+
+    model = cp.load_model("tiny-wan")
+    policies = cp.build_policies("attention-sink:frames=3+sliding-window:frames=6")
+    result = cp.rollout(model, policies, num_chunks=8, prompts=["a red square"], seeds=[0])
+    paths = cp.run_to_dir("tiny-wan", "sliding-window:frames=6", out="runs/a", num_chunks=8)
+    latents, run, trace = cp.read_run("runs/a")
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cachepolicy.engine import RolloutConfig, RolloutResult, Session
+from cachepolicy.errors import CachePolicyError, UnknownNameError
+from cachepolicy.models import ModelAdapter, ModelEntry, Sampler
+from cachepolicy.outputs import (
+    LATENTS_FILE,
+    RUN_FILE,
+    TRACE_FILE,
+    TraceWriter,
+    atomic_write_json,
+    prepare_run_dir,
+    read_run,
+    save_latents,
+)
+from cachepolicy.policy import Policy
+from cachepolicy.policy import build_policies as _build
+from cachepolicy.registry import get_registry
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["available_models", "available_policies", "build_policies", "load_model", "read_run", "rollout",
+           "run_to_dir"]
+
+
+def available_policies() -> dict[str, type[Policy]]:
+    """Installed policy classes by name (built-ins and entry-point plugins)."""
+    return dict(get_registry().policies)
+
+
+def available_models() -> dict[str, ModelEntry]:
+    """Installed model entries by name."""
+    return dict(get_registry().models)
+
+
+def load_model(name: str, **options: Any) -> ModelAdapter:
+    """Load a model by registered name (``tiny-wan``) or by path to a diffusers Wan folder.
+
+    ``options`` go to the model's loader (e.g. ``device="cuda"``, ``dtype="bfloat16"``, ``seed=0``).
+    """
+    registry = get_registry()
+    if name not in registry.models and Path(name).is_dir():
+        return registry.model("wan-diffusers").load(path=name, **options)
+    _raise_if_failed_plugin(name)
+    return registry.model(name).load(**options)
+
+
+def build_policies(*specs: str) -> list[Policy]:
+    """Policies from spec strings (``"attention-sink:frames=3+sliding-window:frames=12"``); several compose."""
+    registry = get_registry()
+    try:
+        return _build(list(specs), registry.policies)
+    except UnknownNameError as exc:
+        _raise_if_failed_plugin(exc.name)
+        raise
+
+
+def _raise_if_failed_plugin(name: str) -> None:
+    from cachepolicy.errors import PluginLoadError
+
+    for record in get_registry().errors:
+        if record.name == name:
+            raise PluginLoadError(f"plugin {name!r} is installed but failed to load: {record.error}")
+
+
+def rollout(model: ModelAdapter, policies: Sequence[Policy], *, num_chunks: int, prompts: Sequence[str],
+            seeds: Sequence[int], sampler: Sampler | None = None, progress: bool = False,
+            on_chunk: Callable[[dict[str, Any]], None] | None = None) -> RolloutResult:
+    """Generate ``num_chunks`` chunks for a batch of ``len(prompts)`` samples (one seed each)."""
+    config = RolloutConfig(num_chunks=num_chunks, prompts=tuple(prompts), seeds=tuple(seeds), sampler=sampler)
+    return Session(model, policies, config, on_chunk=on_chunk, progress=progress).run()
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import torch
+
+    from cachepolicy import __version__
+
+    return {"cachepolicy": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "python": platform.python_version()}
+
+
+def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequence[Policy], *, out: str | Path,
+               num_chunks: int, seed: int = 0, batch: int = 1, prompts: Sequence[str] | None = None,
+               model_options: dict[str, Any] | None = None, force: bool = False,
+               progress: bool = False) -> dict[str, Path]:
+    """One rollout written to ``out`` (``run.json``, ``trace.jsonl``, ``latents.safetensors``).
+
+    Samples get seeds ``seed, seed+1, ...``; ``prompts`` has one entry per sample (a single prompt is
+    repeated over the batch). On a model failure (non-finite output) the chunks finished so far are
+    written, ``run.json`` says ``"status": "failed"``, and the error is raised.
+    """
+    if isinstance(policies, str):
+        policies = [policies]
+    built: list[Policy] = []
+    texts = [p for p in policies if isinstance(p, str)]
+    if texts:
+        built.extend(build_policies(*texts))
+    built.extend(p for p in policies if isinstance(p, Policy))
+    model_name = model if isinstance(model, str) else model.info.name
+    prompts = list(prompts) if prompts else ["a video"]
+    if len(prompts) == 1:
+        prompts = prompts * batch
+    if len(prompts) != batch:
+        raise CachePolicyError(f"{len(prompts)} prompts for a batch of {batch}: give one prompt or one per sample")
+    seeds = [seed + b for b in range(batch)]
+    config = RolloutConfig(num_chunks=num_chunks, prompts=tuple(prompts), seeds=tuple(seeds))
+    adapter = load_model(model, **(model_options or {})) if isinstance(model, str) else model
+    session = Session(adapter, built, config, progress=progress)
+    session.check()  # fail before anything is written
+    folder = prepare_run_dir(out, force)
+    info = adapter.info
+    run: dict[str, Any] = {
+        "model": model_name,
+        "model_options": model_options or {},
+        "model_info": info.to_json(),
+        "policies": [{"name": p.name, "spec": p.spec, "params": p.params()} for p in built],
+        "policy_spec": "+".join(p.spec for p in built) or "(none)",
+        "seed": seed,
+        "seeds": seeds,
+        "prompts": prompts,
+        "num_chunks": num_chunks,
+        "tokens_per_frame": info.tokens_per_frame,
+        "frames_per_chunk": info.frames_per_chunk,
+        "sampler": session.sampler.to_json(),
+        "versions": _versions(),
+        "package_version": _versions()["cachepolicy"],
+        "status": "running",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_json(folder / RUN_FILE, run)
+    writer = TraceWriter(folder / TRACE_FILE)
+    session.on_chunk = writer
+    try:
+        result = session.run()
+    except BaseException as exc:
+        partial = session.result()
+        save_latents(folder / LATENTS_FILE, partial.latents)
+        run.update(status="failed", error=f"{type(exc).__name__}: {exc}", chunks_completed=len(partial.trace))
+        atomic_write_json(folder / RUN_FILE, run)
+        raise
+    finally:
+        writer.close()
+    save_latents(folder / LATENTS_FILE, result.latents,
+                 metadata={"frames_per_chunk": str(info.frames_per_chunk), "model": model_name})
+    run.update(status="completed", chunks_completed=len(result.trace),
+               seconds=sum(r["seconds"] for r in result.trace))
+    atomic_write_json(folder / RUN_FILE, run)
+    return {"dir": folder, "run": folder / RUN_FILE, "trace": folder / TRACE_FILE,
+            "latents": folder / LATENTS_FILE}
+

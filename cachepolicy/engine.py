@@ -1,0 +1,413 @@
+"""The autoregressive rollout engine (Self Forcing's semantics) and its hook points.
+
+Per chunk ``c`` of ``F = frames_per_chunk`` latent frames (absolute frames ``[c*F, (c+1)*F)``):
+
+1. Draw the chunk's noise: one ``[C, F, H, W]`` tensor per sample and per use, from a CPU generator
+   seeded by ``(sample seed, chunk, use)``. Noise therefore never depends on what happened in earlier
+   chunks (retries, other policies), so runs with different policies stay comparable seed for seed, and a
+   batched run equals running each sample alone.
+2. For each warped timestep ``sigma_i`` of the sampler: run the model on the noisy chunk against the
+   resident cache (its own K/V are written provisionally), compute ``x0 = x - sigma_i * v`` in float64,
+   call ``after_step``; unless last, re-noise ``x = (1 - sigma_{i+1}) * x0 + sigma_{i+1} * eps_{i+1}``.
+3. ``candidate_ready``; then ``before_commit``; check the latent is finite.
+4. The context pass: the clean latent at ``context_noise`` (default 0) is run once more; its K/V become
+   resident (commit).
+5. ``select``: every policy protects and/or drops resident tokens; the composed keep set is applied once
+   by compacting the cache in frame order; ``after_compaction``; ``chunk_end``.
+
+A policy may return a :class:`~cachepolicy.policy.PruneRequest` from ``after_step`` or ``candidate_ready``:
+the engine removes the requested (unprotected) tokens from the cache for the listed samples and restarts
+the chunk from step 1 with the *same* noise, at most ``max_restarts`` times per requesting policy and
+sample. The result of the last attempt is kept for every sample (samples that did not ask are recomputed
+from an unchanged cache and the same noise, so their result does not change).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import pluggy
+import torch
+
+from cachepolicy.cache import CacheView, KVCache
+from cachepolicy.errors import CompositionError, NonFiniteOutputError, ParameterError, RolloutConfigError
+from cachepolicy.hookspecs import PROJECT_NAME, RolloutSpecs
+from cachepolicy.models import ModelAdapter, ModelInfo, Sampler
+from cachepolicy.policy import Policy, PruneRequest, Selection, check_unique, compose
+
+logger = logging.getLogger(__name__)
+
+
+def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise RolloutConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
+
+
+@attrs.frozen
+class RolloutConfig:
+    """What to generate.
+
+    Attributes:
+        num_chunks: chunks to generate (each ``frames_per_chunk`` latent frames).
+        prompts: one prompt per sample; the batch size is ``len(prompts)``.
+        seeds: one seed per sample (same length as ``prompts``).
+        sampler: the denoising recipe; None uses the model's own (:attr:`ModelInfo.sampler`).
+        synchronize_timing: synchronise the device around each model forward so that per-chunk
+            ``forward_seconds`` are exact on GPUs (costs a sync per forward; off by default).
+    """
+
+    num_chunks: int = attrs.field(validator=_positive_int)
+    prompts: tuple[str, ...] = attrs.field(converter=tuple)
+    seeds: tuple[int, ...] = attrs.field(converter=tuple)
+    sampler: Sampler | None = None
+    synchronize_timing: bool = False
+
+    @prompts.validator
+    def _check_prompts(self, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+        if not value:
+            raise RolloutConfigError("a rollout needs at least one prompt (one per sample)")
+        if not all(isinstance(p, str) for p in value):
+            raise RolloutConfigError(f"prompts must be strings, got {value!r}")
+
+    @seeds.validator
+    def _check_seeds(self, attribute: attrs.Attribute, value: tuple[int, ...]) -> None:
+        if len(value) != len(self.prompts):
+            raise RolloutConfigError(
+                f"{len(value)} seeds for {len(self.prompts)} prompts: give one seed per sample"
+            )
+        for seed in value:
+            if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+                raise RolloutConfigError(f"seed {seed!r} is not an integer in [0, 2**63)")
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts)
+
+
+@attrs.frozen(eq=False)
+class StepOutput:
+    """What ``after_step`` sees. Tensors are ``[B, C, F, H, W]`` in the model dtype.
+
+    ``active[b]`` is False for a sample that is only being recomputed because another sample of the batch
+    restarted the chunk; policies should not re-decide about it. ``view`` is the resident context (the
+    chunk being generated is not part of it).
+    """
+
+    chunk: int
+    attempt: int
+    step: int
+    num_steps: int
+    timestep: float
+    sigma: float
+    frame_start: int
+    x_t: torch.Tensor
+    model_output: torch.Tensor
+    x0: torch.Tensor
+    active: torch.Tensor
+    view: CacheView
+
+
+@attrs.frozen(eq=False)
+class Candidate:
+    """The chunk's final x0 ``[B, C, F, H, W]`` before commit, with the attempt that produced it."""
+
+    chunk: int
+    attempt: int
+    frame_start: int
+    x0: torch.Tensor
+    active: torch.Tensor
+    view: CacheView
+    restarts: tuple[int, ...]
+
+
+@attrs.frozen(eq=False)
+class RolloutResult:
+    """A finished (or stopped) rollout: committed latents ``[B, C, T, H, W]`` on the CPU and the trace."""
+
+    latents: torch.Tensor
+    trace: list[dict[str, Any]]
+    model: ModelInfo
+    policies: tuple[Policy, ...]
+    config: RolloutConfig
+
+
+def noise_seed(seed: int, chunk: int, use: int) -> int:
+    """Deterministic 63-bit generator seed for (sample seed, chunk, use)."""
+    digest = hashlib.blake2b(f"{seed}:{chunk}:{use}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def call_each(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+    """Call every implementation of a hook, in plugin-name order, and return ``(plugin name, result)``.
+
+    Unlike a plain pluggy call this keeps ``None`` results aligned with the plugin that returned them and
+    does not depend on registration order.
+    """
+    impls = sorted(getattr(pm.hook, hook_name).get_hookimpls(), key=lambda impl: impl.plugin_name)
+    return [(impl.plugin_name, impl.function(*[kwargs[name] for name in impl.argnames])) for impl in impls]
+
+
+class Session:
+    """One rollout: owns every piece of mutable state (cache, per-policy state, trace, latents)."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        policies: Sequence[Policy],
+        config: RolloutConfig,
+        *,
+        on_chunk: Callable[[dict[str, Any]], None] | None = None,
+        progress: bool = False,
+    ) -> None:
+        check_unique(policies)
+        self.adapter = adapter
+        self.model: ModelInfo = adapter.info
+        self.policies: tuple[Policy, ...] = tuple(policies)
+        self.config = config
+        self.sampler: Sampler = config.sampler or self.model.sampler
+        self.batch_size = config.batch_size
+        self.on_chunk = on_chunk
+        self.progress = progress
+        self.pm = pluggy.PluginManager(PROJECT_NAME)
+        self.pm.add_hookspecs(RolloutSpecs)
+        for policy in self.policies:
+            self.pm.register(policy, name=policy.spec)
+        self.pm.check_pending()  # a misspelt hook name on a policy is an error, not a silent no-op
+        self.policy_state: dict[str, Any] = {p.spec: p.new_state() for p in self.policies}
+        self.cache: KVCache = adapter.new_cache(self.batch_size)
+        self.conditioning: Any = None
+        self.chunk: int = -1
+        self.trace: list[dict[str, Any]] = []
+        self.latents: list[torch.Tensor] = []
+
+    # -------------------------------------------------------------------------------------- checks
+    def check(self) -> None:
+        """Validate everything that can be validated before any model call."""
+        if self.cache.batch_size != self.batch_size:
+            raise RolloutConfigError(
+                f"the cache holds {self.cache.batch_size} samples but the rollout has {self.batch_size}"
+            )
+        for policy in self.policies:
+            policy.check_compatible(self.model)
+        self.adapter.check_rollout(self.config.num_chunks * self.model.frames_per_chunk, self.batch_size)
+
+    # ------------------------------------------------------------------------------------------ run
+    def run(self) -> RolloutResult:
+        """Generate ``config.num_chunks`` chunks. On error the latents and trace so far stay on the session."""
+        self.check()
+        self.conditioning = self.adapter.encode_prompts(list(self.config.prompts))
+        self.pm.hook.cachepolicy_session_start(session=self)
+        try:
+            chunks = range(self.config.num_chunks)
+            if self.progress:
+                from tqdm.auto import tqdm
+
+                chunks = tqdm(chunks, desc="chunks", unit="chunk")
+            for chunk in chunks:
+                self._run_chunk(chunk)
+        finally:
+            self.pm.hook.cachepolicy_session_end(session=self)
+        return self.result()
+
+    def result(self) -> RolloutResult:
+        """The latents and trace generated so far."""
+        model = self.model
+        if self.latents:
+            latents = torch.cat(self.latents, dim=2)
+        else:
+            latents = torch.zeros(self.batch_size, model.latent_channels, 0, model.latent_height, model.latent_width)
+        return RolloutResult(latents, list(self.trace), model, self.policies, self.config)
+
+    # ------------------------------------------------------------------------------------- internals
+    def _noise(self, chunk: int, uses: int) -> list[torch.Tensor]:
+        model = self.model
+        shape = (model.latent_channels, model.frames_per_chunk, model.latent_height, model.latent_width)
+        device, dtype = self.cache.device, self.cache.dtype
+        noises = []
+        for use in range(uses):
+            per_sample = []
+            for seed in self.config.seeds:
+                generator = torch.Generator("cpu").manual_seed(noise_seed(seed, chunk, use))
+                per_sample.append(torch.randn(shape, generator=generator, dtype=torch.float32))
+            noises.append(torch.stack(per_sample).to(device=device, dtype=dtype))
+        return noises
+
+    def _forward(self, latent: torch.Tensor, timestep: float, frame_start: int, chunk: int, commit: bool,
+                 timer: list[float]) -> torch.Tensor:
+        timesteps = torch.full((self.batch_size, self.model.frames_per_chunk), float(timestep))
+        sync = self.config.synchronize_timing and self.cache.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(self.cache.device)
+        start = time.perf_counter()
+        out = self.adapter.forward(latent, timesteps, frame_start, chunk, self.cache, self.conditioning, commit)
+        if sync:
+            torch.cuda.synchronize(self.cache.device)
+        timer[0] += time.perf_counter() - start
+        return out
+
+    def _run_chunk(self, chunk: int) -> None:
+        started = time.perf_counter()
+        self.chunk = chunk
+        model, sampler = self.model, self.sampler
+        frames = model.frames_per_chunk
+        frame_start = chunk * frames
+        sigmas = sampler.sigmas()
+        noises = self._noise(chunk, len(sigmas) + 1)  # initial noise, re-noising per step, context noise
+        forward_time = [0.0]
+        self.cache.reserve(model.tokens_per_chunk)
+        self.pm.hook.cachepolicy_chunk_start(session=self, chunk=chunk)
+
+        restarts: dict[str, list[int]] = {p.spec: [0] * self.batch_size for p in self.policies}
+        pruned_by: dict[str, int] = {}
+        active = torch.ones(self.batch_size, dtype=torch.bool)
+        attempt = 0
+        while True:
+            x = noises[0]
+            request_made = False
+            x0 = x
+            for step, sigma in enumerate(sigmas):
+                velocity = self._forward(x, 1000.0 * sigma, frame_start, chunk, False, forward_time)
+                x0 = (x.double() - sigma * velocity.double()).to(x.dtype)
+                output = StepOutput(chunk, attempt, step, len(sigmas), 1000.0 * sigma, sigma, frame_start, x,
+                                    velocity, x0, active, self.cache.view())
+                results = call_each(self.pm, "cachepolicy_after_step", session=self, step=output)
+                active_next = self._apply_prune_requests(results, restarts, pruned_by)
+                if active_next is not None:
+                    active, request_made = active_next, True
+                    break
+                if step + 1 < len(sigmas):
+                    nxt = sigmas[step + 1]
+                    x = ((1.0 - nxt) * x0.float() + nxt * noises[step + 1].float()).to(x.dtype)
+            if request_made:
+                attempt += 1
+                continue
+            candidate = Candidate(chunk, attempt, frame_start, x0, active, self.cache.view(),
+                                  tuple(max(r[b] for r in restarts.values()) if restarts else 0
+                                        for b in range(self.batch_size)))
+            results = call_each(self.pm, "cachepolicy_candidate_ready", session=self, candidate=candidate)
+            active_next = self._apply_prune_requests(results, restarts, pruned_by)
+            if active_next is None:
+                break
+            active = active_next
+            attempt += 1
+
+        latent = candidate.x0
+        rewrites = [(name, out) for name, out in
+                    call_each(self.pm, "cachepolicy_before_commit", session=self, candidate=candidate)
+                    if out is not None]
+        if len(rewrites) > 1:
+            raise CompositionError(
+                f"policies {', '.join(n for n, _ in rewrites)} all rewrite the latent of chunk {chunk}; "
+                f"compose at most one latent-rewriting policy"
+            )
+        if rewrites:
+            latent = rewrites[0][1]
+            if latent.shape != candidate.x0.shape:
+                raise CompositionError(
+                    f"policy {rewrites[0][0]} returned a latent of shape {tuple(latent.shape)}, "
+                    f"expected {tuple(candidate.x0.shape)}"
+                )
+        if not bool(torch.isfinite(latent).all()):
+            raise NonFiniteOutputError(chunk, f"latent frames {frame_start}..{frame_start + frames - 1}")
+
+        # context pass: commit the clean chunk's K/V
+        context = latent
+        if sampler.context_noise > 0:
+            s = sampler.context_noise / 1000.0
+            context = ((1.0 - s) * latent.float() + s * noises[-1].float()).to(latent.dtype)
+        self._forward(context, sampler.context_noise, frame_start, chunk, True, forward_time)
+
+        view = self.cache.view()
+        selections: dict[str, Selection | None] = dict(
+            call_each(self.pm, "cachepolicy_select", session=self, view=view))
+        resolution = compose(selections, view.valid)
+        self.cache.compact(resolution.keep, pin=resolution.protected)
+        self.pm.hook.cachepolicy_after_compaction(session=self, chunk=chunk)
+
+        self.latents.append(latent.detach().to("cpu"))
+        dropped = dict(resolution.dropped_by)
+        for name, count in pruned_by.items():
+            dropped[name] = dropped.get(name, 0) + count
+        per_sample_retries = [max((r[b] for r in restarts.values()), default=0) for b in range(self.batch_size)]
+        record: dict[str, Any] = {
+            "chunk": chunk,
+            "frames": [frame_start, frame_start + frames],
+            "cache_tokens": self.cache.max_length,
+            "cache_tokens_per_sample": list(self.cache.lengths),
+            "dropped_tokens": dropped,
+            "retries": attempt,
+            "retries_per_sample": per_sample_retries,
+            "cache_bytes": self.cache.nbytes(),
+        }
+        for name, extra in call_each(self.pm, "cachepolicy_chunk_end", session=self, chunk=chunk):
+            if not extra:
+                continue
+            clash = set(extra) & set(record)
+            if clash:
+                raise CompositionError(f"policy {name} writes trace fields {sorted(clash)} that are already set")
+            record.update(extra)
+        seconds = time.perf_counter() - started
+        record["seconds"] = seconds
+        record["forward_seconds"] = forward_time[0]
+        self.trace.append(record)
+        logger.debug("chunk %d: %s", chunk, record)
+        if self.on_chunk is not None:
+            self.on_chunk(record)
+
+    def _apply_prune_requests(self, results: list[tuple[str, Any]], restarts: dict[str, list[int]],
+                              pruned_by: dict[str, int]) -> torch.Tensor | None:
+        """Apply prune requests; return the samples that restart, or None when nothing restarts."""
+        requests = [(name, req) for name, req in results if req is not None]
+        if not requests:
+            return None
+        view = self.cache.view()
+        restart = torch.zeros(self.batch_size, dtype=torch.bool)
+        drop = torch.zeros_like(view.valid)
+        for name, request in requests:
+            if not isinstance(request, PruneRequest):
+                raise ParameterError(f"policy {name} returned {type(request).__name__}, expected PruneRequest")
+            if request.drop.shape != view.valid.shape:
+                raise ParameterError(
+                    f"policy {name}: PruneRequest.drop has shape {tuple(request.drop.shape)}, "
+                    f"the cache view is {tuple(view.valid.shape)}"
+                )
+            counts = restarts[name]
+            allowed = torch.tensor([bool(request.samples[b]) and counts[b] < request.max_restarts
+                                    for b in range(self.batch_size)])
+            if not bool(allowed.any()):
+                logger.debug("chunk %d: %s asked to restart past its bound (%d)", self.chunk, name,
+                             request.max_restarts)
+                continue
+            for b in range(self.batch_size):
+                if allowed[b]:
+                    counts[b] += 1
+            mask = request.drop.to(view.valid.device) & allowed.to(view.valid.device).unsqueeze(1)
+            protected = self._protected(view)
+            removed = mask & view.valid & ~protected
+            pruned_by[name] = pruned_by.get(name, 0) + int(removed.sum())
+            drop |= removed
+            restart |= allowed
+            logger.info("chunk %d: %s prunes %d tokens and restarts samples %s (%s)", self.chunk, name,
+                        int(removed.sum()), restart.nonzero().squeeze(1).tolist(), request.reason)
+        if not bool(restart.any()):
+            return None
+        self.cache.compact(view.valid & ~drop)
+        return restart
+
+    def _protected(self, view: CacheView) -> torch.Tensor:
+        """Tokens that some policy protects (``select`` must be a pure function of session and view)."""
+        protect = torch.zeros_like(view.valid)
+        for _, selection in call_each(self.pm, "cachepolicy_select", session=self, view=view):
+            if selection is not None and selection.protect is not None:
+                protect |= selection.protect
+        return protect
+
+
+def rollout(adapter: ModelAdapter, policies: Sequence[Policy], config: RolloutConfig, **kwargs: Any) -> RolloutResult:
+    """Run one rollout (see :class:`Session`)."""
+    return Session(adapter, policies, config, **kwargs).run()

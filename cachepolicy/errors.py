@@ -1,0 +1,72 @@
+"""The project's exceptions.
+
+Every error raised on bad user input derives from :class:`CachePolicyError`, so callers can catch the
+project's errors without catching programming errors. Each subclass also derives from the builtin
+exception that best describes it (``ValueError``, ``LookupError``...), so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class CachePolicyError(Exception):
+    """Base class of every error that ``cachepolicy`` raises on purpose."""
+
+
+class SpecError(CachePolicyError, ValueError):
+    """A policy spec string (``name:key=value,...+name2``) is malformed."""
+
+
+class UnknownNameError(CachePolicyError, LookupError):
+    """A policy, model, adapter or metric name that nothing registered provides."""
+
+    def __init__(self, kind: str, name: str, known: Iterable[str]) -> None:
+        self.kind = kind
+        self.name = name
+        self.known = sorted(known)
+        close = difflib.get_close_matches(name, self.known, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        listing = ", ".join(self.known) if self.known else "(none installed)"
+        plural = kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
+        super().__init__(f"unknown {kind} {name!r}.{hint} Known {plural}: {listing}.")
+
+    def __str__(self) -> str:  # LookupError would repr() the message otherwise
+        return str(self.args[0])
+
+
+class ParameterError(CachePolicyError, ValueError):
+    """A parameter has an unknown name, the wrong type, or a value outside what is allowed."""
+
+
+class CompositionError(CachePolicyError, ValueError):
+    """Policies cannot be composed as asked (duplicates, conflicting rewrites)."""
+
+
+class RolloutConfigError(CachePolicyError, ValueError):
+    """A rollout cannot run as configured (too long for the model's RoPE table, bad batch, ...)."""
+
+
+class CacheShapeError(CachePolicyError, ValueError):
+    """A tensor does not match the cache's batch size, heads, head dim or layer count."""
+
+
+class NonFiniteOutputError(CachePolicyError, FloatingPointError):
+    """The model produced NaN or Inf; the rollout stopped at ``chunk``."""
+
+    def __init__(self, chunk: int, detail: str = "") -> None:
+        self.chunk = chunk
+        extra = f" ({detail})" if detail else ""
+        super().__init__(
+            f"the model produced non-finite values at chunk {chunk}{extra}; "
+            f"the rollout stopped and chunks 0..{chunk - 1} were kept"
+        )
+
+
+class PluginLoadError(CachePolicyError, ImportError):
+    """A plugin (entry point) could not be imported or registered."""
+
+
+class CheckpointError(CachePolicyError, ValueError):
+    """A weights file does not match the model it is loaded into."""

@@ -1,0 +1,199 @@
+"""Model-side contracts of the core: what an adapter must provide and how models are named.
+
+The core never imports an adapter. Adapters are discovered through the ``cachepolicy`` entry-point group
+(:mod:`cachepolicy.registry`); each provides :class:`ModelEntry` objects whose ``loader`` is an import
+string, resolved only when that model is loaded, so discovery stays fast.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from cachepolicy.errors import ParameterError, PluginLoadError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from cachepolicy.cache import KVCache
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ParameterError(f"{type(instance).__name__}.{attribute.name} must be a positive integer, got {value!r}")
+
+
+def _steps(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not value or any(not (0.0 < float(t) <= 1000.0) for t in value):
+        raise ParameterError(
+            f"denoising steps must be a non-empty list of timesteps in (0, 1000], got {list(value)!r}"
+        )
+    if any(float(b) >= float(a) for a, b in zip(value, value[1:])):
+        raise ParameterError(f"denoising steps must be strictly decreasing, got {list(value)!r}")
+
+
+@attrs.frozen
+class Sampler:
+    """How one chunk is denoised (Self Forcing's semantics; see docs "Concepts").
+
+    Attributes:
+        denoising_steps: timesteps in (0, 1000], strictly decreasing, before warping.
+        shift: flow-matching shift used to warp the steps: ``sigma = shift*s / (1 + (shift-1)*s)``.
+        warp: whether to warp ``denoising_steps`` through the shift (Self Forcing's ``warp_denoising_step``).
+        context_noise: timestep of the clean context pass that commits a chunk (0 = clean).
+    """
+
+    denoising_steps: tuple[float, ...] = attrs.field(
+        default=(1000.0, 750.0, 500.0, 250.0), converter=lambda v: tuple(float(x) for x in v), validator=_steps
+    )
+    shift: float = attrs.field(default=5.0, converter=float)
+    warp: bool = True
+    context_noise: float = attrs.field(default=0.0, converter=float)
+
+    @shift.validator
+    def _check_shift(self, attribute: attrs.Attribute, value: float) -> None:
+        if not value > 0:
+            raise ParameterError(f"sampler shift must be > 0, got {value!r}")
+
+    @context_noise.validator
+    def _check_ctx(self, attribute: attrs.Attribute, value: float) -> None:
+        if not 0.0 <= value < 1000.0:
+            raise ParameterError(f"context_noise must be in [0, 1000), got {value!r}")
+
+    def sigmas(self) -> list[float]:
+        """Noise levels in (0, 1] of the denoising steps (model timestep = 1000 * sigma)."""
+        sigmas = []
+        for t in self.denoising_steps:
+            s = t / 1000.0
+            if self.warp:
+                s = self.shift * s / (1.0 + (self.shift - 1.0) * s)
+            sigmas.append(s)
+        return sigmas
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "denoising_steps": list(self.denoising_steps),
+            "shift": self.shift,
+            "warp": self.warp,
+            "context_noise": self.context_noise,
+            "sigmas": self.sigmas(),
+        }
+
+
+@attrs.frozen
+class ModelInfo:
+    """Static facts about a loaded model that the engine and policies rely on.
+
+    Units: ``frames_per_chunk`` and ``max_frames`` are latent frames; ``tokens_per_frame`` is
+    ``token_rows * token_cols`` tokens; latent sizes are latent pixels.
+    """
+
+    name: str
+    adapter: str
+    frames_per_chunk: int = attrs.field(validator=_positive)
+    latent_channels: int = attrs.field(validator=_positive)
+    latent_height: int = attrs.field(validator=_positive)
+    latent_width: int = attrs.field(validator=_positive)
+    token_rows: int = attrs.field(validator=_positive)
+    token_cols: int = attrs.field(validator=_positive)
+    num_layers: int = attrs.field(validator=_positive)
+    num_heads: int = attrs.field(validator=_positive)
+    head_dim: int = attrs.field(validator=_positive)
+    max_frames: int = attrs.field(validator=_positive)
+    device: str
+    dtype: str
+    sampler: Sampler = attrs.field(factory=Sampler)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.token_rows * self.token_cols
+
+    @property
+    def tokens_per_chunk(self) -> int:
+        return self.tokens_per_frame * self.frames_per_chunk
+
+    def to_json(self) -> dict[str, Any]:
+        data = attrs.asdict(self, recurse=False)
+        data["sampler"] = self.sampler.to_json()
+        data["tokens_per_frame"] = self.tokens_per_frame
+        return data
+
+
+class ModelAdapter(abc.ABC):
+    """What the engine needs from a model family. One adapter instance wraps one loaded model."""
+
+    info: ModelInfo
+
+    @abc.abstractmethod
+    def encode_prompts(self, prompts: Sequence[str]) -> Any:
+        """Return the conditioning for a batch of prompts (adapter-specific, passed back to :meth:`forward`)."""
+
+    @abc.abstractmethod
+    def new_cache(self, batch_size: int) -> KVCache:
+        """An empty cache on the model's device and dtype for ``batch_size`` samples."""
+
+    @abc.abstractmethod
+    def check_rollout(self, num_frames: int, batch_size: int) -> None:
+        """Raise :class:`~cachepolicy.errors.RolloutConfigError` if ``num_frames`` latent frames cannot be
+        generated (e.g. they pass the RoPE table); called before a rollout starts."""
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        latent: torch.Tensor,
+        timesteps: torch.Tensor,
+        frame_start: int,
+        cache: KVCache,
+        conditioning: Any,
+        commit: bool,
+    ) -> torch.Tensor:
+        """Run the model on one chunk against the resident cache.
+
+        Args:
+            latent: ``[B, C, F, H, W]`` noisy (or clean, for the context pass) latent of the chunk.
+            timesteps: ``[B, F]`` float timesteps in [0, 1000] on the CPU, one per latent frame.
+            frame_start: absolute latent frame index of the chunk's first frame.
+            cache: the resident context; the chunk's own K/V are written into its provisional slot.
+            conditioning: what :meth:`encode_prompts` returned.
+            commit: when True the chunk's K/V become resident (the context pass).
+
+        Returns:
+            The model output (flow velocity) ``[B, C, F, H, W]`` in the model's dtype.
+        """
+
+    def token_grid(self, latent: torch.Tensor) -> torch.Tensor:
+        """Lay a latent ``[B, C, F, H, W]`` out on the cache's token grid: ``[B, F, N, D]``.
+
+        ``N`` is ``tokens_per_frame`` (row-major over ``token_rows x token_cols``), ``D`` the values of
+        one token's patch. Policies that reason about latent tokens (TokenTrim) need it.
+        """
+        raise NotImplementedError(f"adapter {self.info.adapter!r} provides no token-grid mapping")
+
+
+@attrs.frozen
+class ModelEntry:
+    """A named model that an adapter plugin can load.
+
+    Attributes:
+        name: the model name used on the command line (``tiny-wan``).
+        adapter: the adapter family (``wan``).
+        loader: ``"module:function"``; called as ``function(**options)`` and returns a :class:`ModelAdapter`.
+        summary: one line for ``cachepolicy plugins``.
+    """
+
+    name: str
+    adapter: str
+    loader: str
+    summary: str = ""
+
+    def load(self, **options: Any) -> ModelAdapter:
+        module_name, _, attr = self.loader.partition(":")
+        try:
+            function = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise PluginLoadError(f"cannot load model {self.name!r}: {self.loader!r} failed: {exc}") from exc
+        return function(**options)

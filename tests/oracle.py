@@ -1,0 +1,87 @@
+"""The equivalence oracle: a cached rollout equals full forwards with the mask implied by its keep sets.
+
+:class:`Recorder` is a policy (it only observes) that logs, for every model forward of a rollout, its
+input, timestep, output and the resident token ids per sample, and the resident set each chunk was
+committed against. :func:`check_rollout_against_full_forward` replays every logged forward as one stock
+diffusers forward over all committed chunks plus the current one, with the block-causal mask restricted
+to the logged keep sets, and returns the largest absolute difference.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import torch
+
+from cachepolicy.adapters.wan.adapter import WanAdapter, masked_forward
+from cachepolicy.engine import RolloutResult
+from cachepolicy.hookspecs import hookimpl
+from cachepolicy.policy import Policy
+
+
+def resident_ids(view, tokens_per_frame: int) -> list[torch.Tensor]:
+    """Global token index (frame * tokens_per_frame + spatial) of each sample's resident tokens."""
+    ids = view.frame * tokens_per_frame + view.spatial_index
+    return [ids[b][view.valid[b]].clone().cpu() for b in range(view.batch_size)]
+
+
+@attrs.frozen
+class Recorder(Policy):
+    """Observe-only policy that logs every forward and every commit for the oracle."""
+
+    name: ClassVar[str] = "recorder"
+
+    def new_state(self):
+        return {"forwards": [], "commits": {}}
+
+    @hookimpl
+    def cachepolicy_after_step(self, session, step):
+        tpf = session.model.tokens_per_frame
+        self.state(session)["forwards"].append({
+            "chunk": step.chunk, "attempt": step.attempt, "step": step.step, "timestep": step.timestep,
+            "x_t": step.x_t.clone(), "output": step.model_output.clone(),
+            "resident": resident_ids(step.view, tpf),
+        })
+
+    @hookimpl
+    def cachepolicy_before_commit(self, session, candidate):
+        self.state(session)["commits"][candidate.chunk] = resident_ids(
+            session.cache.view(), session.model.tokens_per_frame)
+
+
+def oracle_mask(chunk: int, frames_per_chunk: int, tokens_per_frame: int, commits: dict[int, list[torch.Tensor]],
+                current: list[torch.Tensor], batch: int) -> torch.Tensor:
+    """Bool ``[B, 1, L, L]``: row block ``j`` may see its commit-time resident set and its own chunk."""
+    tpc = frames_per_chunk * tokens_per_frame
+    total = (chunk + 1) * tpc
+    mask = torch.zeros(batch, 1, total, total, dtype=torch.bool)
+    for j in range(chunk + 1):
+        rows = slice(j * tpc, (j + 1) * tpc)
+        resident = current if j == chunk else commits[j]
+        for b in range(batch):
+            mask[b, 0, rows, rows] = True
+            mask[b, 0, rows, resident[b]] = True
+    return mask
+
+
+def check_rollout_against_full_forward(adapter: WanAdapter, result: RolloutResult, records: dict,
+                                       context_noise: float = 0.0) -> float:
+    """Largest |cached - oracle| model output over every forward of the rollout."""
+    info = adapter.info
+    F, tpf = info.frames_per_chunk, info.tokens_per_frame
+    latents = result.latents
+    batch = latents.shape[0]
+    conditioning = adapter.encode_prompts(list(result.config.prompts))
+    worst = 0.0
+    for fwd in records["forwards"]:
+        c = fwd["chunk"]
+        x = torch.cat([latents[:, :, : c * F].to(fwd["x_t"].dtype), fwd["x_t"].cpu()], dim=2)
+        frame_t = torch.tensor([context_noise] * (c * F) + [fwd["timestep"]] * F, dtype=torch.float32)
+        timestep = frame_t.repeat_interleave(tpf).unsqueeze(0).expand(batch, -1)
+        mask = oracle_mask(c, F, tpf, records["commits"], fwd["resident"], batch)
+        with torch.no_grad():
+            full = masked_forward(adapter.model, x, timestep, conditioning.cpu(), mask)
+        expected = full[:, :, c * F:]
+        worst = max(worst, float((expected - fwd["output"].cpu()).abs().max()))
+    return worst
