@@ -1,0 +1,63 @@
+"""``cachepolicy run``: files written, their fields, and the errors users see (in-process CLI calls)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from cachepolicy.cli import main
+
+
+def test_run_writes_latents_run_json_and_trace(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "tiny-wan", "--policy", "attention-sink:frames=3", "--policy", "sliding-window:frames=3",
+                 "--chunks", "4", "--seed", "7", "--batch", "2", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert str(out / "latents.safetensors") in printed
+    latents = load_file(out / "latents.safetensors")["latents"]
+    assert tuple(latents.shape) == (2, 4, 12, 8, 8)  # [B, C, F, H, W]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed"
+    assert run["model"] == "tiny-wan" and run["seeds"] == [7, 8]
+    assert run["tokens_per_frame"] == 16 and run["frames_per_chunk"] == 3
+    assert [p["spec"] for p in run["policies"]] == ["attention-sink:frames=3", "sliding-window:frames=3"]
+    assert run["policies"][1]["params"] == {"frames": 3}
+    assert run["package_version"]
+    trace = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
+    assert [r["chunk"] for r in trace] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "tiny-wan", "--policy", "sliding-windw", "--chunks", "2"], "Did you mean 'sliding-window'"),
+    (["run", "tiny-wan", "--policy", "sliding-window:frames=x", "--chunks", "2"], "frames='x' is not an integer"),
+    (["run", "tiny-wan", "--policy", "sliding-window:frames=1", "--chunks", "2"], "shorter than one chunk"),
+    (["run", "tiny-van", "--chunks", "2"], "unknown model 'tiny-van'. Did you mean 'tiny-wan'"),
+    (["run", "tiny-wan", "--chunks", "400"], "passes the model's rope_max_seq_len=1024"),
+    (["run", "tiny-wan", "--chunks", "2", "--dtype", "float8"], "dtype 'float8' is not supported"),
+])
+def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert main([*args, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_existing_run_is_not_overwritten_without_force(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "tiny-wan", "--chunks", "1", "--out", str(out)]) == 0
+    before = (out / "latents.safetensors").read_bytes()
+    assert main(["run", "tiny-wan", "--chunks", "2", "--seed", "3", "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "latents.safetensors").read_bytes() == before
+    assert main(["run", "tiny-wan", "--chunks", "2", "--out", str(out), "--force"]) == 0
+    assert len((out / "trace.jsonl").read_text().splitlines()) == 2
+
+
+def test_argument_errors_are_argparse_errors(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "tiny-wan", "--chunks", "0", "--out", "x"])
+    assert info.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
