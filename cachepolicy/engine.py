@@ -35,7 +35,13 @@ import pluggy
 import torch
 
 from cachepolicy.cache import CacheView, KVCache
-from cachepolicy.errors import CompositionError, NonFiniteOutputError, ParameterError, RolloutConfigError
+from cachepolicy.errors import (
+    CompositionError,
+    NonFiniteOutputError,
+    ParameterError,
+    PluginLoadError,
+    RolloutConfigError,
+)
 from cachepolicy.hookspecs import PROJECT_NAME, RolloutSpecs
 from cachepolicy.models import ModelAdapter, ModelInfo, Sampler
 from cachepolicy.policy import Policy, PruneRequest, Selection, check_unique, compose
@@ -176,8 +182,14 @@ class Session:
         self.pm = pluggy.PluginManager(PROJECT_NAME)
         self.pm.add_hookspecs(RolloutSpecs)
         for policy in self.policies:
-            self.pm.register(policy, name=policy.spec)
-        self.pm.check_pending()  # a misspelt hook name on a policy is an error, not a silent no-op
+            try:
+                self.pm.register(policy, name=policy.spec)
+            except pluggy.PluginValidationError as exc:
+                raise PluginLoadError(f"policy {policy.spec!r} does not fit the rollout hooks: {exc}") from exc
+        try:
+            self.pm.check_pending()  # a misspelt hook name on a policy is an error, not a silent no-op
+        except pluggy.PluginValidationError as exc:
+            raise PluginLoadError(f"policy {exc.plugin!s} does not fit the rollout hooks: {exc}") from exc
         self.policy_state: dict[str, Any] = {p.spec: p.new_state() for p in self.policies}
         self.cache: KVCache = adapter.new_cache(self.batch_size)
         self.conditioning: Any = None
@@ -287,8 +299,7 @@ class Session:
                 attempt += 1
                 continue
             candidate = Candidate(chunk, attempt, frame_start, x0, active, self.cache.view(),
-                                  tuple(max(r[b] for r in restarts.values()) if restarts else 0
-                                        for b in range(self.batch_size)))
+                                  self._retries_per_sample(restarts))
             results = call_each(self.pm, "cachepolicy_candidate_ready", session=self, candidate=candidate)
             active_next = self._apply_prune_requests(results, restarts, pruned_by)
             if active_next is None:
@@ -333,7 +344,6 @@ class Session:
         dropped = dict(resolution.dropped_by)
         for name, count in pruned_by.items():
             dropped[name] = dropped.get(name, 0) + count
-        per_sample_retries = [max((r[b] for r in restarts.values()), default=0) for b in range(self.batch_size)]
         record: dict[str, Any] = {
             "chunk": chunk,
             "frames": [frame_start, frame_start + frames],
@@ -341,7 +351,7 @@ class Session:
             "cache_tokens_per_sample": list(self.cache.lengths),
             "dropped_tokens": dropped,
             "retries": attempt,
-            "retries_per_sample": per_sample_retries,
+            "retries_per_sample": list(self._retries_per_sample(restarts)),
             "cache_bytes": self.cache.nbytes(),
         }
         for name, extra in call_each(self.pm, "cachepolicy_chunk_end", session=self, chunk=chunk):
@@ -358,6 +368,10 @@ class Session:
         logger.debug("chunk %d: %s", chunk, record)
         if self.on_chunk is not None:
             self.on_chunk(record)
+
+    def _retries_per_sample(self, restarts: dict[str, list[int]]) -> tuple[int, ...]:
+        """Restarts of the current chunk per sample (the most any one policy caused)."""
+        return tuple(max((counts[b] for counts in restarts.values()), default=0) for b in range(self.batch_size))
 
     def _apply_prune_requests(self, results: list[tuple[str, Any]], restarts: dict[str, list[int]],
                               pruned_by: dict[str, int]) -> torch.Tensor | None:

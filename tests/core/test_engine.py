@@ -203,3 +203,19 @@ def test_trace_is_json_and_complete(tiny_wan, registry, tmp_path):
     for r in records:
         assert {"chunk", "cache_tokens", "dropped_tokens", "retries", "seconds"} <= set(r)
         assert r["seconds"] >= r["forward_seconds"] > 0
+
+
+@attrs.frozen
+class Misspelt(Policy):
+    name: ClassVar[str] = "misspelt"
+
+    @hookimpl
+    def cachepolicy_selcet(self, session, view):  # typo on purpose
+        return None
+
+
+def test_a_misspelt_hook_is_an_error_not_a_silent_no_op(tiny_wan):
+    from cachepolicy.errors import PluginLoadError
+
+    with pytest.raises(PluginLoadError, match="policy .*misspelt.* does not fit the rollout hooks.*cachepolicy_selcet"):
+        Session(tiny_wan(), [Misspelt()], RolloutConfig(num_chunks=1, prompts=["x"], seeds=[0]))
