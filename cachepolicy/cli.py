@@ -82,7 +82,92 @@ def build_parser() -> argparse.ArgumentParser:
                      help="option passed to the model loader (e.g. seed=1, path=DIR)")
     run.add_argument("--force", action="store_true", help="replace a run already in --out")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compare = sub.add_parser(
+        "compare", help="a grid of policies x prompts x seeds on one model, resumable, with a report",
+        description="Run every (policy, prompt, seed) job, appending one line per finished job to "
+                    "DIR/results.jsonl (a rerun with the same settings resumes), then write summary.json, "
+                    "summary.md and report.html (plots, side-by-side videos) into DIR.")
+    compare.add_argument("model", help="model name (see 'cachepolicy plugins') or a diffusers Wan folder")
+    compare.add_argument("--policies", required=True, action="append", metavar="'SPEC; SPEC; ...'",
+                         help="composed policy specs separated by ';' (repeatable)")
+    compare.add_argument("--prompts", required=True, metavar="FILE_OR_TEXT",
+                         help="a prompts file (one per line) or prompts separated by ';'")
+    compare.add_argument("--seeds", default="0", help="seeds: '0-7', '0,3,5' (default 0)")
+    compare.add_argument("--chunks", type=_positive, required=True, help="chunks per job")
+    compare.add_argument("--out", required=True, help="output folder")
+    compare.add_argument("--metrics", default=None,
+                         help="comma-separated metric names (default: every available metric)")
+    compare.add_argument("--metric-option", action="append", default=[], type=_parse_option,
+                         metavar="METRIC.KEY=VALUE", help="option for a metric, e.g. feature-consistency.path=DIR")
+    compare.add_argument("--model-option", action="append", default=[], type=_parse_option, metavar="KEY=VALUE",
+                         help="option passed to the model loader")
+    compare.add_argument("--device", default=None, help="torch device of the model")
+    compare.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    compare.add_argument("--executor", default="local", choices=["local", "ray"],
+                         help="where jobs run (ray: pip install 'cachepolicy[ray]')")
+    compare.add_argument("--ray-address", default=None, help="Ray cluster address (default: local instance)")
+    compare.add_argument("--gpus-per-job", type=float, default=0.0, help="GPUs each Ray task asks for")
+    compare.add_argument("--force", action="store_true",
+                         help="DIR holds another configuration: archive it and start over")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    report = sub.add_parser("report", help="rewrite the report of a compare folder from its results",
+                            description="Regenerate summary.json, summary.md and report.html from "
+                                        "DIR/config.json and DIR/results.jsonl.")
+    report.add_argument("dir", help="a compare output folder")
     return parser
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from cachepolicy.compare import CompareConfig, default_metrics, parse_seeds, read_prompts, run_compare, split_policies
+    from cachepolicy.errors import CompareConfigError
+    from cachepolicy.executors import make_executor
+
+    metric_options: dict[str, dict[str, Any]] = {}
+    for key, value in args.metric_option:
+        metric, dot, option = key.partition(".")
+        if not dot or not option:
+            raise CompareConfigError(f"--metric-option {key}={value}: write METRIC.KEY=VALUE")
+        metric_options.setdefault(metric, {})[option] = value
+    metrics = (tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics
+               else default_metrics(metric_options))
+    model_options = dict(args.model_option)
+    if args.device:
+        model_options["device"] = args.device
+    if args.dtype:
+        model_options["dtype"] = args.dtype
+    config = CompareConfig(model=args.model, policies=split_policies(args.policies),
+                           prompts=read_prompts(args.prompts), seeds=parse_seeds(args.seeds),
+                           num_chunks=args.chunks, metrics=metrics, model_options=model_options,
+                           metric_options=metric_options)
+    executor_options = {}
+    if args.executor == "ray":
+        executor_options = {"address": args.ray_address, "gpus_per_job": args.gpus_per_job}
+    executor = make_executor(args.executor, **executor_options)
+    summary = run_compare(config, args.out, executor=executor, force=args.force,
+                          progress=not args.no_progress and sys.stderr.isatty())
+    from pathlib import Path
+
+    print((Path(args.out) / "summary.md").read_text())
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from cachepolicy.compare import CONFIG_FILE, RESULTS_FILE, CompareConfig, ResultsStore
+    from cachepolicy.errors import CompareConfigError
+    from cachepolicy.report import write_report
+
+    folder = Path(args.dir)
+    if not (folder / CONFIG_FILE).is_file():
+        raise CompareConfigError(f"{folder} has no {CONFIG_FILE}: not a compare output folder")
+    config = CompareConfig(**json.loads((folder / CONFIG_FILE).read_text())["config"])
+    write_report(folder, config, ResultsStore(folder / RESULTS_FILE).load())
+    print(f"report: {folder / 'report.html'}")
+    return 0
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -138,9 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cachepolicy.errors import CachePolicyError, NonFiniteOutputError
 
     try:
-        if args.command == "plugins":
-            return _cmd_plugins(args)
-        return _cmd_run(args)
+        commands = {"plugins": _cmd_plugins, "run": _cmd_run, "compare": _cmd_compare, "report": _cmd_report}
+        return commands[args.command](args)
     except NonFiniteOutputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_MODEL_FAILED

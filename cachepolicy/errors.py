@@ -70,3 +70,7 @@ class PluginLoadError(CachePolicyError, ImportError):
 
 class CheckpointError(CachePolicyError, ValueError):
     """A weights file does not match the model it is loaded into."""
+
+
+class CompareConfigError(CachePolicyError, ValueError):
+    """A ``compare`` configuration is invalid, or its output folder holds another configuration."""

@@ -43,6 +43,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 if TYPE_CHECKING:  # pragma: no cover
     from cachepolicy.cache import CacheView
     from cachepolicy.engine import Candidate, Session, StepOutput
+    from cachepolicy.metrics import Metric
     from cachepolicy.models import ModelEntry
     from cachepolicy.policy import Policy, PruneRequest, Selection
     import torch
@@ -58,6 +59,10 @@ class DiscoverySpecs:
     @hookspec
     def cachepolicy_models(self) -> list[ModelEntry]:
         """Return the model entries this plugin provides (name, adapter, lazy loader)."""
+
+    @hookspec
+    def cachepolicy_metrics(self) -> list[type[Metric]]:
+        """Return the metric classes this plugin provides (used by ``cachepolicy compare``)."""
 
 
 class RolloutSpecs:

@@ -173,6 +173,17 @@ class ModelAdapter(abc.ABC):
         """
         raise NotImplementedError(f"adapter {self.info.adapter!r} provides no token-grid mapping")
 
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Decode latents ``[B, C, F, H, W]`` to pixels ``[B, F', 3, H', W']`` in [0, 1].
+
+        Models without a decoder raise ``NotImplementedError`` (reports then show a latent preview).
+        """
+        raise NotImplementedError(f"model {self.info.name!r} has no decoder")
+
+    def ground_truth(self, prompt: str, seed: int, num_frames: int) -> Any:
+        """Ground truth of the scene a prompt and seed describe, for metrics that use it (else None)."""
+        return None
+
 
 @attrs.frozen
 class ModelEntry:

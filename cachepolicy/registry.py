@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import pluggy
 
-from cachepolicy.errors import PluginLoadError, UnknownNameError
+from cachepolicy.errors import UnknownNameError
 from cachepolicy.hookspecs import ENTRY_POINT_GROUP, PROJECT_NAME, DiscoverySpecs
 from cachepolicy.models import ModelEntry
 from cachepolicy.policy import Policy, hook_names
@@ -29,7 +29,7 @@ class PluginRecord:
     """One line of ``cachepolicy plugins``: something a plugin provides, or a plugin that failed."""
 
     name: str
-    kind: str  # "policy", "model", or "plugin" (a plugin that failed or provides nothing)
+    kind: str  # "policy", "model", "metric", or "plugin" (a plugin that failed or provides nothing)
     entry_point: str
     distribution: str | None
     version: str | None
@@ -52,6 +52,7 @@ class Registry:
 
     policies: dict[str, type[Policy]] = attrs.field(factory=dict)
     models: dict[str, ModelEntry] = attrs.field(factory=dict)
+    metrics: dict[str, type] = attrs.field(factory=dict)
     records: list[PluginRecord] = attrs.field(factory=list)
 
     def policy(self, name: str) -> type[Policy]:
@@ -59,6 +60,12 @@ class Registry:
             return self.policies[name]
         except KeyError:
             raise UnknownNameError("policy", name, self.policies) from None
+
+    def metric(self, name: str) -> type:
+        try:
+            return self.metrics[name]
+        except KeyError:
+            raise UnknownNameError("metric", name, self.metrics) from None
 
     def model(self, name: str) -> ModelEntry:
         try:
@@ -116,15 +123,27 @@ def discover(group: str = ENTRY_POINT_GROUP, extra_plugins: Iterable[Any] = ()) 
             pm.register(plugin, name=ep_name)
             provided_policies = [cls for group_ in pm.hook.cachepolicy_policies() for cls in group_]
             provided_models = [entry for group_ in pm.hook.cachepolicy_models() for entry in group_]
+            provided_metrics = [cls for group_ in pm.hook.cachepolicy_metrics() for cls in group_]
         except Exception as exc:  # noqa: BLE001
             message = f"{type(exc).__name__}: {exc}"
             logger.warning("plugin %r failed to register: %s", ep_name, message)
             registry.records.append(PluginRecord(ep_name, "plugin", ep_value, dist, version, error=message))
             continue
-        if not provided_policies and not provided_models:
+        if not provided_policies and not provided_models and not provided_metrics:
             registry.records.append(
                 PluginRecord(ep_name, "plugin", ep_value, dist, version,
-                             error="the plugin implements neither cachepolicy_policies nor cachepolicy_models")
+                             error="the plugin provides no policy, model or metric")
+            )
+        for cls in provided_metrics:
+            name = getattr(cls, "name", "") or repr(cls)
+            error = _check_metric_class(cls)
+            if error is None and name in registry.metrics:
+                error = f"metric name {name!r} is already provided by {registry.metrics[name].__module__}"
+            if error is None:
+                registry.metrics[name] = cls
+            registry.records.append(
+                PluginRecord(name, "metric", ep_value, dist, version, (), summary=getattr(cls, "summary", ""),
+                             error=error)
             )
         for cls in provided_policies:
             error = _check_policy_class(cls)
@@ -165,6 +184,16 @@ def _check_policy_class(cls: Any) -> str | None:
     return None
 
 
+def _check_metric_class(cls: Any) -> str | None:
+    from cachepolicy.metrics import Metric
+
+    if not (isinstance(cls, type) and issubclass(cls, Metric)):
+        return f"{cls!r} is not a subclass of cachepolicy.metrics.Metric"
+    if not getattr(cls, "name", ""):
+        return f"{cls.__qualname__} has no 'name'"
+    return None
+
+
 _REGISTRY: Registry | None = None
 
 
@@ -174,10 +203,3 @@ def get_registry(refresh: bool = False) -> Registry:
     if _REGISTRY is None or refresh:
         _REGISTRY = discover()
     return _REGISTRY
-
-
-def require_plugin(registry: Registry, name: str) -> None:
-    """Raise :class:`PluginLoadError` if the plugin ``name`` failed to load."""
-    for record in registry.records:
-        if record.name == name and record.error:
-            raise PluginLoadError(f"plugin {name!r} is installed but failed: {record.error}")

@@ -1,0 +1,393 @@
+"""``cachepolicy compare``: a grid of policies x prompts x seeds on one model, resumable, with a report.
+
+Layout of the output folder::
+
+    DIR/config.json        the configuration and its fingerprint (a rerun must match it)
+    DIR/results.jsonl      one line per finished job: policy (spec as given), prompt, seed, metrics, curves
+    DIR/jobs/<id>/         latents.safetensors, trace.jsonl, preview.npy (uint8 frames for the videos)
+    DIR/summary.json, summary.md, report.html, plots/, videos/   (see :mod:`cachepolicy.report`)
+
+Each job appends its line only after its artifacts are written, with one ``write`` of the whole line to a
+file opened for appending, then ``fsync``. When the results are read back a trailing partial line (a crash
+in the middle of a write) is ignored, and it is cut off before the next append, so a killed run resumes:
+a rerun with the same configuration skips the finished jobs and every job appears exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from cachepolicy.errors import CachePolicyError, CompareConfigError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.jsonl"
+
+
+# ------------------------------------------------------------------------------------------ parsing
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0-7"``, ``"0,3,5"`` or ``"0-3,8"`` -> seeds, in order, without repeats."""
+    seeds: list[int] = []
+    if not isinstance(text, str) or not text.strip():
+        raise CompareConfigError(f"no seeds in {text!r}; write e.g. '0-7' or '0,3,5'")
+    for part in text.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise CompareConfigError(f"cannot parse seeds {text!r} at {part!r}; write e.g. '0-7' or '0,3,5'")
+        low = int(match.group(1))
+        high = int(match.group(2)) if match.group(2) is not None else low
+        if high < low:
+            raise CompareConfigError(f"seed range {part!r} runs backwards; write {high}-{low}")
+        seeds.extend(s for s in range(low, high + 1) if s not in seeds)
+    return tuple(seeds)
+
+
+def read_prompts(text: str) -> tuple[str, ...]:
+    """A prompts file (one per line, ``#`` comments) if ``text`` names one, else ``;``-separated prompts.
+
+    Text that looks like a path (ends in ``.txt``/``.jsonl``/``.csv`` or contains a path separator) must be
+    an existing, non-empty file.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise CompareConfigError("no prompts given; pass a prompts file or 'prompt one; prompt two'")
+    path = Path(text)
+    looks_like_path = text.endswith((".txt", ".jsonl", ".csv")) or os.sep in text
+    if path.is_file():
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [p for p in prompts if p and not p.startswith("#")]
+        if not prompts:
+            raise CompareConfigError(f"prompts file {path} holds no prompt (one per line; '#' starts a comment)")
+        return tuple(dict.fromkeys(prompts))
+    if looks_like_path:
+        raise CompareConfigError(f"prompts file {text} does not exist")
+    prompts = [p.strip() for p in text.split(";") if p.strip()]
+    if not prompts:
+        raise CompareConfigError(f"no prompts in {text!r}")
+    return tuple(dict.fromkeys(prompts))
+
+
+def split_policies(text: str | Sequence[str]) -> tuple[str, ...]:
+    """``"SPEC; SPEC; ..."`` -> one composed spec per compared policy."""
+    parts = [text] if isinstance(text, str) else list(text)
+    specs = [s.strip() for part in parts for s in part.split(";") if s.strip()]
+    if not specs:
+        raise CompareConfigError("no policies to compare; write e.g. --policies 'full; sliding-window:frames=12'")
+    return tuple(specs)
+
+
+# ------------------------------------------------------------------------------------------- config
+@attrs.frozen
+class Job:
+    """One cell of the grid: one composed policy spec, one prompt, one seed."""
+
+    policy: str
+    prompt: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        key = json.dumps([self.policy, self.prompt, self.seed]).encode()
+        return hashlib.sha256(key).hexdigest()[:16]
+
+
+@attrs.frozen(hash=False)
+class CompareConfig:
+    """A comparison: what changes its fingerprint changes the results, and a rerun must match it."""
+
+    model: str
+    policies: tuple[str, ...] = attrs.field(converter=tuple)
+    prompts: tuple[str, ...] = attrs.field(converter=tuple)
+    seeds: tuple[int, ...] = attrs.field(converter=tuple)
+    num_chunks: int
+    metrics: tuple[str, ...] = attrs.field(converter=tuple)
+    model_options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+    metric_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, converter=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "model_options": dict(sorted(self.model_options.items())),
+            "policies": list(self.policies),
+            "prompts": list(self.prompts),
+            "seeds": list(self.seeds),
+            "num_chunks": self.num_chunks,
+            "metrics": list(self.metrics),
+            "metric_options": {k: dict(v) for k, v in sorted(self.metric_options.items())},
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def jobs(self) -> list[Job]:
+        return [Job(policy, prompt, seed) for policy in self.policies for prompt in self.prompts
+                for seed in self.seeds]
+
+
+def validate(config: CompareConfig) -> None:
+    """Check every name before any job runs: model, each policy spec (named by position), each metric."""
+    from cachepolicy.api import build_policies, load_model  # noqa: F401 - load_model checked lazily below
+    from cachepolicy.registry import get_registry
+
+    registry = get_registry()
+    if config.num_chunks < 1:
+        raise CompareConfigError(f"--chunks must be at least 1, got {config.num_chunks}")
+    if config.model not in registry.models and not Path(config.model).is_dir():
+        registry.model(config.model)  # raises UnknownNameError with suggestions
+    for index, spec in enumerate(config.policies, start=1):
+        try:
+            build_policies(spec)
+        except CachePolicyError as exc:
+            raise CompareConfigError(
+                f"policy spec {index} of {len(config.policies)} ({spec!r}): {exc}"
+            ) from exc
+    for name in config.metrics:
+        metric_cls = registry.metric(name)
+        metric = metric_cls(config.metric_options.get(name))
+        reason = metric.unavailable_reason()
+        if reason:
+            raise CompareConfigError(f"metric {name!r} was asked for but is unavailable: {reason}")
+    unknown_options = set(config.metric_options) - set(config.metrics)
+    if unknown_options:
+        raise CompareConfigError(f"options given for metrics that are not computed: {sorted(unknown_options)}")
+
+
+def default_metrics(metric_options: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[str, ...]:
+    """Every installed metric that is available (a metric that needs weights the user lacks is skipped)."""
+    from cachepolicy.registry import get_registry
+
+    names = []
+    for name, cls in get_registry().metrics.items():
+        reason = cls((metric_options or {}).get(name)).unavailable_reason()
+        if reason:
+            logger.info("metric %s is unavailable: %s", name, reason)
+        else:
+            names.append(name)
+    return tuple(names)
+
+
+# ----------------------------------------------------------------------------------------- results
+class ResultsStore:
+    """``results.jsonl``: whole lines only, appended atomically, read back ignoring a torn last line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        records, seen = [], set()
+        data = self.path.read_bytes()
+        for line in data.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("ignoring a torn line in %s (a run was killed mid-write)", self.path)
+                continue
+            if record.get("job_id") in seen:
+                continue
+            seen.add(record.get("job_id"))
+            records.append(record)
+        return records
+
+    def repair(self) -> None:
+        """Cut a trailing partial line so the next append starts on a line of its own."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            with open(self.path, "r+b") as handle:
+                handle.truncate(keep)
+            logger.warning("cut a partial last line from %s", self.path)
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        line = (json.dumps(record, sort_keys=False) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, line)
+            if written != len(line):  # pragma: no cover - regular files write whole small buffers
+                raise OSError(f"short write to {self.path}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------ worker
+_MODEL_CACHE: dict[str, Any] = {}
+
+
+def _load_model_cached(model: str, options: Mapping[str, Any]) -> Any:
+    from cachepolicy.api import load_model
+
+    key = json.dumps([model, dict(sorted(options.items()))], sort_keys=True)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()  # one model per process at a time
+        _MODEL_CACHE[key] = load_model(model, **dict(options))
+    return _MODEL_CACHE[key]
+
+
+def preview_frames(adapter: Any, latents: Any) -> tuple[Any, Any]:
+    """``(decoded [T', 3, H', W'] in [0, 1] or None, uint8 preview [T', H'', W'', 3])`` of one sample.
+
+    Without a decoder the preview shows the first three latent channels, normalised over the video and
+    enlarged 8x (nearest), and says so in the report.
+    """
+    import torch
+
+    batch = latents.unsqueeze(0)
+    try:
+        frames = adapter.decode(batch)[0].float().clamp(0, 1)
+        decoded = frames
+    except NotImplementedError:
+        decoded = None
+        channels = latents[:3] if latents.shape[0] >= 3 else latents[:1].expand(3, -1, -1, -1)
+        low, high = channels.amin(), channels.amax()
+        frames = ((channels - low) / (high - low + 1e-8)).permute(1, 0, 2, 3)  # [T, 3, H, W]
+    scale = max(1, 128 // max(frames.shape[-2:]))
+    if scale > 1:
+        frames = torch.nn.functional.interpolate(frames, scale_factor=scale, mode="nearest")
+    preview = (frames.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    return decoded, preview
+
+
+def run_job(payload: dict[str, Any]) -> dict[str, Any]:
+    """Run one job and write its artifacts; returns its results line. Top-level so executors can ship it."""
+    import numpy as np
+
+    from cachepolicy.api import build_policies
+    from cachepolicy.engine import RolloutConfig, Session
+    from cachepolicy.metrics import JobData
+    from cachepolicy.outputs import save_latents
+    from cachepolicy.registry import get_registry
+
+    job = Job(**payload["job"])
+    adapter = _load_model_cached(payload["model"], payload["model_options"])
+    policies = build_policies(job.policy)
+    config = RolloutConfig(num_chunks=payload["num_chunks"], prompts=(job.prompt,), seeds=(job.seed,))
+    session = Session(adapter, policies, config, progress=payload.get("progress", False))
+    started = time.perf_counter()
+    result = session.run()
+    seconds = time.perf_counter() - started
+
+    folder = Path(payload["out"]) / "jobs" / job.id
+    folder.mkdir(parents=True, exist_ok=True)
+    save_latents(folder / "latents.safetensors", result.latents)
+    (folder / "trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.trace))
+    latents = result.latents[0].float()
+    decoded, preview = preview_frames(adapter, latents)
+    np.save(folder / "preview.npy", preview)
+
+    try:
+        adapter.token_grid(latents[:, :1].unsqueeze(0))
+        token_grid = adapter.token_grid
+    except NotImplementedError:
+        token_grid = None
+    data = JobData(latents=latents, frames=decoded, trace=result.trace,
+                   frames_per_chunk=adapter.info.frames_per_chunk, token_grid=token_grid, prompt=job.prompt,
+                   seed=job.seed, policy=job.policy,
+                   ground_truth=adapter.ground_truth(job.prompt, job.seed, latents.shape[1]))
+    registry = get_registry()
+    metrics, curves = {}, {}
+    for name in payload["metrics"]:
+        metric = registry.metric(name)(payload["metric_options"].get(name))
+        value = metric.compute(data)
+        metrics[name] = value.value
+        if value.per_chunk is not None:
+            curves[name] = list(value.per_chunk)
+    return {
+        "job_id": job.id,
+        "policy": job.policy,
+        "policy_resolved": "+".join(p.spec for p in policies),
+        "prompt": job.prompt,
+        "seed": job.seed,
+        "metrics": metrics,
+        "curves": curves,
+        "preview_decoded": decoded is not None,
+        "chunks": len(result.trace),
+        "seconds": seconds,
+    }
+
+
+# ------------------------------------------------------------------------------------------ driver
+def prepare_folder(config: CompareConfig, out: Path, force: bool) -> ResultsStore:
+    """Create ``out`` or check it holds this configuration; with ``force`` archive what is there."""
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / CONFIG_FILE
+    store = ResultsStore(out / RESULTS_FILE)
+    if config_path.exists():
+        previous = json.loads(config_path.read_text())
+        if previous.get("fingerprint") != config.fingerprint:
+            changed = sorted(k for k, v in config.to_json().items() if previous.get("config", {}).get(k) != v)
+            if not force:
+                raise CompareConfigError(
+                    f"{out} holds results of another configuration (differs in: {', '.join(changed) or 'version'}); "
+                    f"use another --out, rerun with the same settings to resume, or pass --force to archive "
+                    f"the old results and start over"
+                )
+            archive = out / f"archive-{time.strftime('%Y%m%d-%H%M%S')}"
+            archive.mkdir()
+            for name in (CONFIG_FILE, RESULTS_FILE, "jobs", "summary.json", "summary.md", "report.html",
+                         "plots", "videos"):
+                if (out / name).exists():
+                    shutil.move(str(out / name), str(archive / name))
+            logger.warning("archived the previous results to %s", archive)
+    elif store.path.exists():
+        raise CompareConfigError(f"{out} holds {RESULTS_FILE} but no {CONFIG_FILE}; use another --out")
+    from cachepolicy.outputs import atomic_write_json
+
+    atomic_write_json(config_path, {"fingerprint": config.fingerprint, "config": config.to_json()})
+    store.repair()
+    return store
+
+
+def run_compare(config: CompareConfig, out: str | Path, *, executor: Any = None, force: bool = False,
+                progress: bool = False) -> dict[str, Any]:
+    """Run every job not yet in ``out/results.jsonl``, then write the report. Returns ``summary.json``."""
+    from cachepolicy.executors import LocalExecutor
+    from cachepolicy.report import write_report
+
+    validate(config)
+    out = Path(out)
+    store = prepare_folder(config, out, force)
+    done = {r["job_id"] for r in store.load()}
+    jobs = [job for job in config.jobs() if job.id not in done]
+    if done:
+        logger.info("resuming: %d of %d jobs already done", len(done), len(done) + len(jobs))
+    executor = executor or LocalExecutor()
+    local = getattr(executor, "name", "") == "local"
+    payloads = [{
+        "job": attrs.asdict(job), "model": config.model, "model_options": dict(config.model_options),
+        "num_chunks": config.num_chunks, "metrics": list(config.metrics),
+        "metric_options": {k: dict(v) for k, v in config.metric_options.items()}, "out": str(out),
+        "progress": progress and local,
+    } for job in jobs]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(config.jobs()), initial=len(done), desc="jobs", unit="job", position=0)
+    try:
+        for record in executor.map_unordered(run_job, payloads):
+            store.append(record)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return write_report(out, config, store.load())

@@ -1,0 +1,100 @@
+"""Metrics for ``cachepolicy compare``: the contract, and the data one job hands to every metric.
+
+Metrics are plugins: an entry-point module implements ``cachepolicy_metrics()`` returning
+:class:`Metric` subclasses (the built-ins do so from ``cachepolicy.plugins.metrics``). A metric computes
+one scalar per job and, optionally, one value per chunk (a curve that the report plots against the chunk
+index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+from cachepolicy.errors import ParameterError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+@attrs.frozen(eq=False)
+class JobData:
+    """Everything a metric may read about one finished job (one prompt, one seed, one policy).
+
+    Attributes:
+        latents: ``[C, T, H, W]`` float32 committed latents of the job (``T`` latent frames).
+        frames: ``[T', 3, H', W']`` decoded pixels in [0, 1] when the model has a decoder, else None.
+        trace: the per-chunk trace records (see ``trace.jsonl``).
+        frames_per_chunk: latent frames per chunk.
+        token_grid: maps ``[B, C, F, H, W]`` latents to ``[B, F, N, D]`` tokens, or None.
+        prompt, seed, policy: the job's coordinates (``policy`` is the spec as given).
+        ground_truth: model-specific ground truth of the scene (the drift lab provides it), or None.
+    """
+
+    latents: torch.Tensor
+    frames: torch.Tensor | None
+    trace: list[dict[str, Any]]
+    frames_per_chunk: int
+    token_grid: Callable[[torch.Tensor], torch.Tensor] | None
+    prompt: str
+    seed: int
+    policy: str
+    ground_truth: Any = None
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.trace)
+
+
+@attrs.frozen
+class MetricValue:
+    """One job's result: a scalar, and optionally one value per chunk (a curve)."""
+
+    value: float
+    per_chunk: tuple[float, ...] | None = attrs.field(
+        default=None, converter=lambda v: None if v is None else tuple(float(x) for x in v))
+
+
+class Metric:
+    """Base class of compare metrics.
+
+    Subclasses set ``name`` and ``summary``, may set ``higher_is_better`` (None: neither) and
+    ``deterministic`` (False for wall-clock timings, which the reproducibility check skips), and implement
+    :meth:`compute`. A metric that needs something the user may not have (weights on a local path)
+    overrides :meth:`unavailable_reason`.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    unit: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool | None] = None
+    deterministic: ClassVar[bool] = True
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        self.options = dict(options or {})
+        allowed = set(self.option_names())
+        unknown = set(self.options) - allowed
+        if unknown:
+            raise ParameterError(
+                f"metric {self.name!r} has no option(s) {sorted(unknown)}; allowed: {sorted(allowed) or 'none'}"
+            )
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """Options a user may set with ``--metric-option NAME.KEY=VALUE``."""
+        return ()
+
+    def unavailable_reason(self) -> str | None:
+        """None when the metric can run, else why not (e.g. no local weights were given)."""
+        return None
+
+    def compute(self, job: JobData) -> MetricValue:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def chunk_slices(job: JobData) -> list[slice]:
+    """Latent-frame slices of each chunk of the job."""
+    f = job.frames_per_chunk
+    return [slice(c * f, (c + 1) * f) for c in range(job.latents.shape[1] // f)]

@@ -1,0 +1,188 @@
+"""``cachepolicy compare``: resumable results, the report, reproducibility, and errors before any job."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from cachepolicy.cli import main
+from cachepolicy.compare import CompareConfig, ResultsStore, parse_seeds, read_prompts, run_compare
+from cachepolicy.errors import CompareConfigError, UnknownNameError
+from cachepolicy.report import format_stat
+
+POLICIES = "full; sliding-window:frames=3; attention-sink:frames=3+sliding-window:frames=3"
+METRICS = ("latent-drift", "flicker", "frame-stats-drift", "cache-tokens", "seconds-per-chunk")
+
+
+def config(**overrides):
+    base = dict(model="tiny-wan", policies=[p.strip() for p in POLICIES.split(";")], prompts=["a red square"],
+                seeds=[0, 1], num_chunks=3, metrics=METRICS)
+    base.update(overrides)
+    return CompareConfig(**base)
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs, self.rows = [], 0
+        self._in_body = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        for key in ("src", "href"):
+            if key in attrs:
+                self.refs.append(attrs[key])
+        if tag == "tbody":
+            self._in_body = True
+        if tag == "tr" and self._in_body:
+            self.rows += 1
+
+    def handle_endtag(self, tag):
+        if tag == "tbody":
+            self._in_body = False
+
+
+def test_report_files_table_and_numbers(tmp_path):
+    out = tmp_path / "cmp"
+    summary = run_compare(config(), out)
+    parser = _Refs()
+    parser.feed((out / "report.html").read_text())
+    assert parser.refs, "the report refers to its plots and videos"
+    for ref in parser.refs:
+        assert not re.match(r"^[a-z]+://", ref), f"{ref} is not offline"
+        assert (out / ref).is_file(), f"report.html refers to missing {ref}"
+    assert any(r.startswith("plots/") for r in parser.refs) and any(r.startswith("videos/") for r in parser.refs)
+    assert parser.rows == 3  # one row per policy
+    markdown = (out / "summary.md").read_text()
+    table = [line for line in markdown.splitlines() if line.startswith("| `")]
+    assert len(table) == 3
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for line, (policy, data) in zip(table, on_disk["policies"].items()):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == f"`{policy}`" and int(cells[1]) == data["jobs"] == 2
+        assert cells[2:] == [format_stat(data["metrics"][m]) for m in METRICS]
+    # hand check of one cell: cache tokens of the window are 3 frames x 16 tokens in every job
+    assert on_disk["policies"]["sliding-window:frames=3"]["metrics"]["cache-tokens"]["mean"] == 48
+
+
+def test_same_command_twice_gives_the_same_metrics(tmp_path):
+    first = [json.loads(l) for l in _run_cli(tmp_path / "a").read_text().splitlines()]
+    second = [json.loads(l) for l in _run_cli(tmp_path / "b").read_text().splitlines()]
+    key = lambda r: r["job_id"]  # noqa: E731
+    for a, b in zip(sorted(first, key=key), sorted(second, key=key)):
+        for metric in ("latent-drift", "flicker", "frame-stats-drift", "cache-tokens"):
+            assert a["metrics"][metric] == b["metrics"][metric]
+            assert a["curves"][metric] == b["curves"][metric]
+
+
+def _run_cli(out: Path) -> Path:
+    code = main(["compare", "tiny-wan", "--policies", POLICIES, "--prompts", "a red square", "--seeds", "0-1",
+                 "--chunks", "3", "--metrics", ",".join(METRICS), "--out", str(out), "--no-progress"])
+    assert code == 0
+    return out / "results.jsonl"
+
+
+def test_rerun_skips_finished_jobs_and_other_configuration_is_refused(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    results = _run_cli(out)
+    before = results.read_bytes()
+    mtime = (out / "jobs").stat().st_mtime_ns
+    _run_cli(out)  # same configuration: nothing to do
+    assert results.read_bytes() == before
+    assert (out / "jobs").stat().st_mtime_ns == mtime
+    code = main(["compare", "tiny-wan", "--policies", "full", "--prompts", "a red square", "--seeds", "0-1",
+                 "--chunks", "3", "--out", str(out), "--no-progress"])
+    assert code == 2
+    assert "holds results of another configuration (differs in: metrics, policies)" in capsys.readouterr().err
+    assert results.read_bytes() == before
+    code = main(["compare", "tiny-wan", "--policies", "full", "--prompts", "a red square", "--seeds", "0",
+                 "--chunks", "2", "--metrics", "cache-tokens", "--out", str(out), "--no-progress", "--force"])
+    assert code == 0
+    archived = list(out.glob("archive-*/results.jsonl"))
+    assert len(archived) == 1 and archived[0].read_bytes() == before
+    assert len(results.read_text().splitlines()) == 1
+
+
+def test_sigkill_mid_run_then_rerun_has_every_job_exactly_once(tmp_path):
+    out = tmp_path / "cmp"
+    args = [sys.executable, "-m", "cachepolicy.cli", "compare", "tiny-wan", "--policies", POLICIES,
+            "--prompts", "a red square; a blue disc", "--seeds", "0-2", "--chunks", "12",
+            "--metrics", "cache-tokens,latent-drift", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = out / "results.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if results.exists() and len(results.read_bytes().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed; make the jobs longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(ResultsStore(results).load())
+    assert 2 <= done_before < 18
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    records = ResultsStore(results).load()
+    lines = [l for l in results.read_text().splitlines() if l.strip()]
+    assert len(lines) == len(records) == 18  # no torn or duplicate lines remain
+    ids = [r["job_id"] for r in records]
+    assert len(set(ids)) == 18
+    assert {(r["policy"], r["prompt"], r["seed"]) for r in records} == {
+        (p.strip(), q, s) for p in POLICIES.split(";") for q in ("a red square", "a blue disc") for s in range(3)}
+
+
+def test_a_torn_last_line_is_ignored_and_cut_before_appending(tmp_path):
+    store = ResultsStore(tmp_path / "results.jsonl")
+    store.append({"job_id": "a", "x": 1})
+    with open(store.path, "ab") as handle:
+        handle.write(b'{"job_id": "b", "x"')  # a crash in the middle of a write
+    assert [r["job_id"] for r in store.load()] == ["a"]
+    store.repair()
+    store.append({"job_id": "c"})
+    assert [r["job_id"] for r in store.load()] == ["a", "c"]
+    assert store.path.read_text().count("\n") == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompts", "missing-prompts.txt"], "prompts file missing-prompts.txt does not exist"),
+    (["--prompts", "EMPTY"], "holds no prompt"),
+    (["--seeds", "0-x"], "cannot parse seeds '0-x' at '0-x'"),
+    (["--seeds", "5-2"], "runs backwards"),
+    (["--metrics", "latent-drfit"], "unknown metric 'latent-drfit'. Did you mean 'latent-drift'"),
+    (["--metrics", "feature-consistency"], "metric 'feature-consistency' was asked for but is unavailable: needs local weights"),
+    (["--policies", "full; sliding-window:frames=3; sliding-windw:frames=3; full; full"],
+     "policy spec 3 of 5 ('sliding-windw:frames=3'): unknown policy 'sliding-windw'"),
+])
+def test_bad_input_is_refused_before_any_job(tmp_path, capsys, args, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    args = [str(empty) if a == "EMPTY" else a for a in args]
+    base = {"--policies": "full", "--prompts": "a red square", "--seeds": "0", "--chunks": "2"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    out = tmp_path / "cmp"
+    argv = ["compare", "tiny-wan", "--out", str(out), "--no-progress"]
+    for flag, value in base.items():
+        argv += [flag, value]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "results.jsonl").exists()
+
+
+def test_parsers():
+    assert parse_seeds("0-3,8,2") == (0, 1, 2, 3, 8)
+    assert read_prompts("a; b ;a") == ("a", "b")
+    with pytest.raises(UnknownNameError):
+        run_compare(config(metrics=("nope",)), "/nonexistent/never-written")
+    with pytest.raises(CompareConfigError, match="--chunks must be at least 1"):
+        run_compare(config(num_chunks=0), "/nonexistent/never-written")
