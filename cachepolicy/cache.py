@@ -7,7 +7,7 @@ Layout (one tensor for all layers, so compaction is one pass over the batch)::
     chunk     [B, capacity]  int64   chunk that committed the token
     row, col  [B, capacity]  int64   spatial position on the token grid
     rope_pos  [B, capacity]  int64   frame position the key was rotated to (post-RoPE storage)
-    pinned    [B, capacity]  bool    protected by some policy at the last selection
+    pinned    [B, capacity]  bool    protected by some policy at a selection (sticky once set)
 
 Sample ``b`` holds ``lengths[b]`` resident tokens at positions ``[0, lengths[b])``, always in frame
 order. The chunk being generated writes its keys/values *provisionally* into positions
@@ -229,7 +229,8 @@ class KVCache:
         """Keep only the tokens where ``keep`` (bool ``[B, S]``, ``S = max_length``) is True.
 
         Survivors keep their frame order and move to the front of each sample's storage; no storage is
-        reallocated. ``pin`` (bool ``[B, S]``) marks tokens to flag as pinned. Returns tokens removed.
+        reallocated. ``pin`` (bool ``[B, S]``) flags tokens as pinned (the flag stays set: a token once
+        protected, e.g. a sink, is reported pinned for the rest of the rollout). Returns tokens removed.
         """
         size = self.max_length
         if keep.shape != (self.batch_size, size):

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="print a JSON list of objects")
 
     run = sub.add_parser("run", help="one rollout of one model with a composition of policies",
-                         description="Generate NUM chunks with MODEL under the given policies and write "
+                         description="Generate --chunks chunks with MODEL under the given policies and write "
                                      "latents.safetensors, run.json and trace.jsonl to --out.")
     run.add_argument("model", help="model name (see 'cachepolicy plugins') or a diffusers Wan folder")
     run.add_argument("--policy", "-p", action="append", default=[], metavar="SPEC",
@@ -225,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"plugins": _cmd_plugins, "run": _cmd_run, "compare": _cmd_compare, "report": _cmd_report}
         return commands[args.command](args)
+    except BrokenPipeError:  # e.g. 'cachepolicy plugins --json | head'
+        sys.stderr.close()
+        return 0
     except NonFiniteOutputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_MODEL_FAILED

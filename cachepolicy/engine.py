@@ -151,8 +151,9 @@ def noise_seed(seed: int, chunk: int, use: int) -> int:
 def call_each(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
     """Call every implementation of a hook, in plugin-name order, and return ``(plugin name, result)``.
 
-    Unlike a plain pluggy call this keeps ``None`` results aligned with the plugin that returned them and
-    does not depend on registration order.
+    Every rollout hook goes through here: unlike a plain pluggy call this keeps ``None`` results aligned
+    with the plugin that returned them, and the call order (sorted by policy spec) does not depend on
+    the order in which policies were composed.
     """
     impls = sorted(getattr(pm.hook, hook_name).get_hookimpls(), key=lambda impl: impl.plugin_name)
     return [(impl.plugin_name, impl.function(*[kwargs[name] for name in impl.argnames])) for impl in impls]
@@ -213,7 +214,7 @@ class Session:
         """Generate ``config.num_chunks`` chunks. On error the latents and trace so far stay on the session."""
         self.check()
         self.conditioning = self.adapter.encode_prompts(list(self.config.prompts))
-        self.pm.hook.cachepolicy_session_start(session=self)
+        call_each(self.pm, "cachepolicy_session_start", session=self)
         try:
             chunks = range(self.config.num_chunks)
             if self.progress:
@@ -223,7 +224,7 @@ class Session:
             for chunk in chunks:
                 self._run_chunk(chunk)
         finally:
-            self.pm.hook.cachepolicy_session_end(session=self)
+            call_each(self.pm, "cachepolicy_session_end", session=self)
         return self.result()
 
     def result(self) -> RolloutResult:
@@ -272,7 +273,7 @@ class Session:
         noises = self._noise(chunk, len(sigmas) + 1)  # initial noise, re-noising per step, context noise
         forward_time = [0.0]
         self.cache.reserve(model.tokens_per_chunk)
-        self.pm.hook.cachepolicy_chunk_start(session=self, chunk=chunk)
+        call_each(self.pm, "cachepolicy_chunk_start", session=self, chunk=chunk)
 
         restarts: dict[str, list[int]] = {p.spec: [0] * self.batch_size for p in self.policies}
         pruned_by: dict[str, int] = {}
@@ -338,7 +339,7 @@ class Session:
             call_each(self.pm, "cachepolicy_select", session=self, view=view))
         resolution = compose(selections, view.valid)
         self.cache.compact(resolution.keep, pin=resolution.protected)
-        self.pm.hook.cachepolicy_after_compaction(session=self, chunk=chunk)
+        call_each(self.pm, "cachepolicy_after_compaction", session=self, chunk=chunk)
 
         self.latents.append(latent.detach().to("cpu"))
         dropped = dict(resolution.dropped_by)

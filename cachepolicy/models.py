@@ -147,6 +147,7 @@ class ModelAdapter(abc.ABC):
         latent: torch.Tensor,
         timesteps: torch.Tensor,
         frame_start: int,
+        chunk: int,
         cache: KVCache,
         conditioning: Any,
         commit: bool,
@@ -157,9 +158,11 @@ class ModelAdapter(abc.ABC):
             latent: ``[B, C, F, H, W]`` noisy (or clean, for the context pass) latent of the chunk.
             timesteps: ``[B, F]`` float timesteps in [0, 1000] on the CPU, one per latent frame.
             frame_start: absolute latent frame index of the chunk's first frame.
+            chunk: index of the chunk (recorded in the cache metadata on commit).
             cache: the resident context; the chunk's own K/V are written into its provisional slot.
             conditioning: what :meth:`encode_prompts` returned.
-            commit: when True the chunk's K/V become resident (the context pass).
+            commit: when True the chunk's K/V become resident (the context pass): the adapter calls
+                :meth:`KVCache.commit` with the chunk's metadata after the forward.
 
         Returns:
             The model output (flow velocity) ``[B, C, F, H, W]`` in the model's dtype.

@@ -33,6 +33,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 
+#: attrs field-metadata key giving a parameter's name in spec strings when it cannot be the field name,
+#: e.g. a Python keyword: ``lam: float = attrs.field(default=2.0, metadata={SPEC_NAME: "lambda"})`` is
+#: written ``lambda=2.0`` in specs, listed as ``lambda`` by :meth:`Policy.params` and in error messages,
+#: and passed as ``lam=`` in Python.
+SPEC_NAME = "spec_name"
+
+
+def spec_name(attribute: attrs.Attribute) -> str:
+    """The name of a policy parameter in spec strings: ``metadata[SPEC_NAME]`` if set, else the field name."""
+    return attribute.metadata.get(SPEC_NAME, attribute.name)
+
 
 class Policy:
     """Base class of cache policies.
@@ -62,14 +73,14 @@ class Policy:
 
     @classmethod
     def parameters(cls) -> dict[str, attrs.Attribute]:
-        """The policy's parameters by name (its attrs fields)."""
+        """The policy's parameters by spec name (its attrs fields; see :func:`spec_name`)."""
         if not attrs.has(cls):
             return {}
-        return {a.name: a for a in attrs.fields(cls)}
+        return {spec_name(a): a for a in attrs.fields(cls)}
 
     def params(self) -> dict[str, Any]:
-        """Parameter values of this instance, JSON-serialisable."""
-        return {name: getattr(self, name) for name in self.parameters()}
+        """Parameter values of this instance by spec name, JSON-serialisable."""
+        return {name: getattr(self, a.name) for name, a in self.parameters().items()}
 
     @property
     def spec(self) -> str:
@@ -215,7 +226,7 @@ def positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     """attrs validator: an int > 0."""
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ParameterError(
-            f"{type(instance).name}: {attribute.name}={value!r} is not allowed; it must be a positive integer"
+            f"{type(instance).name}: {spec_name(attribute)}={value!r} is not allowed; it must be a positive integer"
         )
 
 
@@ -223,7 +234,7 @@ def non_negative_int(instance: Any, attribute: attrs.Attribute, value: Any) -> N
     """attrs validator: an int >= 0."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ParameterError(
-            f"{type(instance).name}: {attribute.name}={value!r} is not allowed; it must be an integer >= 0"
+            f"{type(instance).name}: {spec_name(attribute)}={value!r} is not allowed; it must be an integer >= 0"
         )
 
 
@@ -242,7 +253,7 @@ def finite_float(low: float | None = None, high: float | None = None, *, open_lo
             hi = "" if high is None else f"{high}{')' if open_high else ']'}"
             allowed = f"a finite number in {lo or '(-inf'}, {hi or 'inf)'}"
             raise ParameterError(
-                f"{type(instance).name}: {attribute.name}={value!r} is not allowed; it must be {allowed}"
+                f"{type(instance).name}: {spec_name(attribute)}={value!r} is not allowed; it must be {allowed}"
             )
 
     return check
@@ -336,20 +347,22 @@ def _convert(policy_name: str, key: str, raw: str, annotation: Any) -> Any:
 
 def instantiate(policy_cls: type[Policy], spec: PolicySpec) -> Policy:
     """Build a policy from a parsed spec term, converting and validating every parameter."""
-    fields = policy_cls.parameters()
+    fields = policy_cls.parameters()  # by spec name
     hints = typing.get_type_hints(policy_cls)
     kwargs: dict[str, Any] = {}
     for key, raw in spec.params:
         if key not in fields:
-            allowed = ", ".join(f"{n} ({_type_name(hints.get(n))})" for n in fields) or "none"
+            allowed = ", ".join(f"{n} ({_type_name(hints.get(a.name))})" for n, a in fields.items()) or "none"
             raise ParameterError(
                 f"policy {policy_cls.name!r} has no parameter {key!r}; its parameters are: {allowed}"
             )
-        kwargs[key] = _convert(policy_cls.name, key, raw, hints[key])
+        attribute = fields[key]
+        kwargs[attribute.alias or attribute.name] = _convert(policy_cls.name, key, raw, hints[attribute.name])
     try:
         return policy_cls(**kwargs)
     except TypeError as exc:  # a required parameter was not given
-        missing = [n for n, a in fields.items() if a.default is attrs.NOTHING and n not in kwargs]
+        missing = [n for n, a in fields.items()
+                   if a.default is attrs.NOTHING and (a.alias or a.name) not in kwargs]
         if missing:
             raise ParameterError(
                 f"policy {policy_cls.name!r} needs parameter(s) {', '.join(missing)} (e.g. "
@@ -370,7 +383,10 @@ def build_policies(specs: str | Sequence[str], available: Mapping[str, type[Poli
     Several strings compose like ``+``. Errors name the term that failed.
 
     Raises:
-        SpecError, UnknownNameError, ParameterError, CompositionError.
+        SpecError: a malformed spec string.
+        UnknownNameError: a policy name nothing provides (with the closest names).
+        ParameterError: an unknown, mistyped or out-of-range parameter.
+        CompositionError: the same policy composed twice.
     """
     if isinstance(specs, str):
         specs = [specs]

@@ -113,7 +113,7 @@ def _plot_curves(folder: Path, config: Any, records: list[dict[str, Any]]) -> li
     for metric in config.metrics:
         if not any(metric in r.get("curves", {}) for r in records):
             continue
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
         for policy in config.policies:
             curves = [r["curves"][metric] for r in records if r["policy"] == policy and metric in r.get("curves", {})]
             if not curves:

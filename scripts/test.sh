@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+export NO_MKDOCS_2_WARNING=1
 .venv/bin/python -m pytest -q "$@"
 site="$(mktemp -d)"
 trap 'rm -rf "$site"' EXIT

@@ -367,7 +367,7 @@ def cast_model(model: WanTransformer3DModel, device: str | torch.device,
 
 def load_diffusers_wan(path: str | None = None, *, device: str = "cpu", dtype: str = "float32",
                        latent_size: tuple[int, int] = (60, 104), frames_per_chunk: int = 3,
-                       text_encoder: Any = None, **_: Any) -> WanAdapter:
+                       text_encoder: Any = None) -> WanAdapter:
     """Load a ``WanTransformer3DModel`` saved in diffusers format from a local folder.
 
     Without ``text_encoder`` prompts are embedded by a deterministic hashed-word table (no UMT5 weights
