@@ -272,7 +272,6 @@ class Session:
         sigmas = sampler.sigmas()
         noises = self._noise(chunk, len(sigmas) + 1)  # initial noise, re-noising per step, context noise
         forward_time = [0.0]
-        self.cache.reserve(model.tokens_per_chunk)
         call_each(self.pm, "cachepolicy_chunk_start", session=self, chunk=chunk)
 
         restarts: dict[str, list[int]] = {p.spec: [0] * self.batch_size for p in self.policies}
