@@ -22,6 +22,32 @@ MODELS = [
         loader="cachepolicy.adapters.wan.adapter:load_diffusers_wan",
         summary="any WanTransformer3DModel saved in diffusers format (path=DIR with config.json + safetensors)",
     ),
+    ModelEntry(
+        name="self-forcing",
+        adapter="wan",
+        loader="cachepolicy.adapters.wan.checkpoints:load_self_forcing",
+        summary="Self Forcing training checkpoint (checkpoint=FILE, e.g. self_forcing_dmd.pt; ema=true by default)",
+    ),
+    ModelEntry(
+        name="rolling-forcing",
+        adapter="wan",
+        loader="cachepolicy.adapters.wan.checkpoints:load_rolling_forcing",
+        summary="Rolling Forcing training checkpoint (checkpoint=FILE, e.g. rolling_forcing_dmd.pt; "
+                "ema=true by default)",
+    ),
+    ModelEntry(
+        name="causvid",
+        adapter="wan",
+        loader="cachepolicy.adapters.wan.checkpoints:load_causvid",
+        summary="CausVid training checkpoint (checkpoint=FILE or its folder with model.pt; ema=false by default)",
+    ),
+    ModelEntry(
+        name="wan-checkpoint",
+        adapter="wan",
+        loader="cachepolicy.adapters.wan.checkpoints:load_wan_checkpoint",
+        summary="any original-layout Wan2.1 T2V checkpoint: generator/generator_ema dicts or a bare state dict "
+                "(checkpoint=FILE, ema=true|false)",
+    ),
 ]
 
 

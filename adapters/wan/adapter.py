@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from cachepolicy.cache import KVCache, metadata_for_chunk
-from cachepolicy.errors import CacheShapeError, CheckpointError, ParameterError, RolloutConfigError
+from cachepolicy.errors import CacheShapeError, ParameterError, RolloutConfigError
 from cachepolicy.models import ModelAdapter, ModelInfo, Sampler
 
 logger = logging.getLogger(__name__)
@@ -368,20 +367,18 @@ def cast_model(model: WanTransformer3DModel, device: str | torch.device,
 def load_diffusers_wan(path: str | None = None, *, device: str = "cpu", dtype: str = "float32",
                        latent_size: tuple[int, int] = (60, 104), frames_per_chunk: int = 3,
                        text_encoder: Any = None) -> WanAdapter:
-    """Load a ``WanTransformer3DModel`` saved in diffusers format from a local folder.
+    """Load a ``WanTransformer3DModel`` saved in diffusers format from a local folder, strictly.
 
-    Without ``text_encoder`` prompts are embedded by a deterministic hashed-word table (no UMT5 weights
-    are needed); real text conditioning arrives with the text-encoder loader.
+    ``path`` is the model folder (``config.json`` + ``diffusion_pytorch_model*.safetensors``) or a pipeline
+    folder with a ``transformer/`` subfolder. Missing, unexpected or mis-shaped keys raise
+    :class:`~cachepolicy.errors.CheckpointError` (see :mod:`cachepolicy.adapters.wan.checkpoints`).
+    Without ``text_encoder`` prompts are embedded by a deterministic hashed-word table (a warning says so).
     """
-    from cachepolicy.adapters.wan.tiny import HashedWordEncoder
+    from cachepolicy.adapters.wan.checkpoints import default_text_encoder, load_diffusers_folder, parse_latent_size
 
     if path is None:
         raise ParameterError("model 'wan-diffusers' needs path=DIR (a folder with config.json and weights)")
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} has no config.json: not a diffusers model folder")
-    model = WanTransformer3DModel.from_pretrained(folder, torch_dtype=parse_dtype(dtype), local_files_only=True)
-    model = model.to(device)
-    encoder = text_encoder or HashedWordEncoder(model.config.text_dim)
-    return WanAdapter(model, name=str(folder), latent_size=tuple(latent_size), text_encoder=encoder,
+    model = load_diffusers_folder(str(path), dtype=dtype, device=device)
+    encoder = text_encoder or default_text_encoder(model.config.text_dim, "wan-diffusers")
+    return WanAdapter(model, name=str(path), latent_size=parse_latent_size(latent_size), text_encoder=encoder,
                       frames_per_chunk=frames_per_chunk)
