@@ -52,7 +52,7 @@ def test_oracle_detects_a_wrong_mask(tiny_wan, registry):
     assert check_rollout_against_full_forward(adapter, result, records) > 1e-3
 
 
-@settings(max_examples=15)
+@settings(max_examples=40)
 @given(
     num_chunks=st.integers(1, 5),
     rows=st.integers(1, 3),

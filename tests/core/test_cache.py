@@ -188,5 +188,5 @@ class CacheMachine(RuleBasedStateMachine):
 
 
 TestCacheMachine = CacheMachine.TestCase
-TestCacheMachine.settings = __import__("hypothesis").settings(max_examples=40, stateful_step_count=12,
+TestCacheMachine.settings = __import__("hypothesis").settings(max_examples=80, stateful_step_count=15,
                                                                 deadline=None)
