@@ -118,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Loader options from ``--model-option KEY=VALUE``, ``--device`` and ``--dtype``."""
+    options = dict(args.model_option)
+    if args.device:
+        options["device"] = args.device
+    if args.dtype:
+        options["dtype"] = args.dtype
+    return options
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from cachepolicy.compare import CompareConfig, default_metrics, parse_seeds, read_prompts, run_compare, split_policies
     from cachepolicy.errors import CompareConfigError
@@ -131,11 +141,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         metric_options.setdefault(metric, {})[option] = value
     metrics = (tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics
                else default_metrics(metric_options))
-    model_options = dict(args.model_option)
-    if args.device:
-        model_options["device"] = args.device
-    if args.dtype:
-        model_options["dtype"] = args.dtype
+    model_options = _model_options(args)
     config = CompareConfig(model=args.model, policies=split_policies(args.policies),
                            prompts=read_prompts(args.prompts), seeds=parse_seeds(args.seeds),
                            num_chunks=args.chunks, metrics=metrics, model_options=model_options,
@@ -192,14 +198,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from cachepolicy.api import run_to_dir
 
-    options = dict(args.model_option)
-    if args.device:
-        options["device"] = args.device
-    if args.dtype:
-        options["dtype"] = args.dtype
     paths = run_to_dir(args.model, args.policy or ["full"], out=args.out, num_chunks=args.chunks, seed=args.seed,
-                       batch=args.batch, prompts=args.prompt or None, model_options=options, force=args.force,
-                       progress=not args.no_progress and sys.stderr.isatty())
+                       batch=args.batch, prompts=args.prompt or None, model_options=_model_options(args),
+                       force=args.force, progress=not args.no_progress and sys.stderr.isatty())
     logger.info("run finished")
     print(f"wrote {paths['latents']}")
     print(f"wrote {paths['trace']}")
