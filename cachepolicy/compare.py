@@ -139,7 +139,7 @@ class CompareConfig:
 
 def validate(config: CompareConfig) -> None:
     """Check every name before any job runs: model, each policy spec (named by position), each metric."""
-    from cachepolicy.api import build_policies, load_model  # noqa: F401 - load_model checked lazily below
+    from cachepolicy.api import build_policies
     from cachepolicy.registry import get_registry
 
     registry = get_registry()
@@ -163,6 +163,22 @@ def validate(config: CompareConfig) -> None:
     unknown_options = set(config.metric_options) - set(config.metrics)
     if unknown_options:
         raise CompareConfigError(f"options given for metrics that are not computed: {sorted(unknown_options)}")
+
+
+def check_model(config: CompareConfig) -> None:
+    """Load the model (kept for the jobs of this process) and check every policy against it."""
+    from cachepolicy.api import build_policies
+
+    adapter = _load_model_cached(config.model, config.model_options)
+    adapter.check_rollout(config.num_chunks * adapter.info.frames_per_chunk, 1)
+    for index, spec in enumerate(config.policies, start=1):
+        for policy in build_policies(spec):
+            try:
+                policy.check_compatible(adapter.info)
+            except CachePolicyError as exc:
+                raise CompareConfigError(
+                    f"policy spec {index} of {len(config.policies)} ({spec!r}): {exc}"
+                ) from exc
 
 
 def default_metrics(metric_options: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[str, ...]:
@@ -363,14 +379,16 @@ def run_compare(config: CompareConfig, out: str | Path, *, executor: Any = None,
     from cachepolicy.report import write_report
 
     validate(config)
+    executor = executor or LocalExecutor()
+    local = getattr(executor, "name", "") == "local"
+    if local:  # the jobs reuse this model, so loading it now costs nothing and fails before any job
+        check_model(config)
     out = Path(out)
     store = prepare_folder(config, out, force)
     done = {r["job_id"] for r in store.load()}
     jobs = [job for job in config.jobs() if job.id not in done]
     if done:
         logger.info("resuming: %d of %d jobs already done", len(done), len(done) + len(jobs))
-    executor = executor or LocalExecutor()
-    local = getattr(executor, "name", "") == "local"
     payloads = [{
         "job": attrs.asdict(job), "model": config.model, "model_options": dict(config.model_options),
         "num_chunks": config.num_chunks, "metrics": list(config.metrics),

@@ -162,6 +162,9 @@ def test_a_torn_last_line_is_ignored_and_cut_before_appending(tmp_path):
     (["--metrics", "feature-consistency"], "metric 'feature-consistency' was asked for but is unavailable: needs local weights"),
     (["--policies", "full; sliding-window:frames=3; sliding-windw:frames=3; full; full"],
      "policy spec 3 of 5 ('sliding-windw:frames=3'): unknown policy 'sliding-windw'"),
+    (["--policies", "full; sliding-window:frames=2"],
+     "policy spec 2 of 2 ('sliding-window:frames=2'): sliding-window: frames=2 is shorter than one chunk"),
+    (["--chunks", "400"], "passes the model's rope_max_seq_len=1024"),
 ])
 def test_bad_input_is_refused_before_any_job(tmp_path, capsys, args, message):
     empty = tmp_path / "empty.txt"
