@@ -140,7 +140,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             raise CompareConfigError(f"--metric-option {key}={value}: write METRIC.KEY=VALUE")
         metric_options.setdefault(metric, {})[option] = value
     metrics = (tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics
-               else default_metrics(metric_options))
+               else default_metrics(metric_options, args.model))
     model_options = _model_options(args)
     config = CompareConfig(model=args.model, policies=split_policies(args.policies),
                            prompts=read_prompts(args.prompts), seeds=parse_seeds(args.seeds),

@@ -181,12 +181,19 @@ def check_model(config: CompareConfig) -> None:
                 ) from exc
 
 
-def default_metrics(metric_options: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[str, ...]:
-    """Every installed metric that is available (a metric that needs weights the user lacks is skipped)."""
+def default_metrics(metric_options: Mapping[str, Mapping[str, Any]] | None = None,
+                    model: str | None = None) -> tuple[str, ...]:
+    """Every installed metric that is available for ``model``: one that needs weights the user lacks is
+    skipped, and ground-truth metrics only apply to models whose entry ``provides_ground_truth``."""
     from cachepolicy.registry import get_registry
 
+    registry = get_registry()
+    entry = registry.models.get(model) if model is not None else None
+    has_truth = bool(entry is not None and entry.provides_ground_truth)
     names = []
-    for name, cls in get_registry().metrics.items():
+    for name, cls in registry.metrics.items():
+        if getattr(cls, "needs_ground_truth", False) and not has_truth:
+            continue
         reason = cls((metric_options or {}).get(name)).unavailable_reason()
         if reason:
             logger.info("metric %s is unavailable: %s", name, reason)

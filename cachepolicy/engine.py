@@ -8,7 +8,9 @@ Per chunk ``c`` of ``F = frames_per_chunk`` latent frames (absolute frames ``[c*
    batched run equals running each sample alone.
 2. For each warped timestep ``sigma_i`` of the sampler: run the model on the noisy chunk against the
    resident cache (its own K/V are written provisionally), compute ``x0 = x - sigma_i * v`` in float64,
-   call ``after_step``; unless last, re-noise ``x = (1 - sigma_{i+1}) * x0 + sigma_{i+1} * eps_{i+1}``.
+   call ``after_step``; unless last, re-noise ``x = (1 - sigma_{i+1}) * x0 + sigma_{i+1} * eps_{i+1}`` with
+   fresh noise ``eps_{i+1}`` (or, with ``Sampler(noise="predicted")``, the predicted noise, which is the
+   Euler step ``x + (sigma_{i+1} - sigma_i) * v``).
 3. ``candidate_ready``; then ``before_commit``; check the latent is finite.
 4. The context pass: the clean latent at ``context_noise`` (default 0) is run once more; its K/V become
    resident (commit).
@@ -294,7 +296,10 @@ class Session:
                     break
                 if step + 1 < len(sigmas):
                     nxt = sigmas[step + 1]
-                    x = ((1.0 - nxt) * x0.float() + nxt * noises[step + 1].float()).to(x.dtype)
+                    if sampler.noise == "fresh":
+                        x = ((1.0 - nxt) * x0.float() + nxt * noises[step + 1].float()).to(x.dtype)
+                    else:  # re-noise with the predicted noise: the Euler step of the flow ODE
+                        x = (x.double() + (nxt - sigma) * velocity.double()).to(x.dtype)
             if request_made:
                 attempt += 1
                 continue

@@ -71,6 +71,9 @@ class Metric:
     unit: ClassVar[str] = ""
     higher_is_better: ClassVar[bool | None] = None
     deterministic: ClassVar[bool] = True
+    #: True for metrics that compare with the scene's ground truth: only models whose entry
+    #: ``provides_ground_truth`` include them by default.
+    needs_ground_truth: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options = dict(options or {})

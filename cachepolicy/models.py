@@ -45,6 +45,10 @@ class Sampler:
         shift: flow-matching shift used to warp the steps: ``sigma = shift*s / (1 + (shift-1)*s)``.
         warp: whether to warp ``denoising_steps`` through the shift (Self Forcing's ``warp_denoising_step``).
         context_noise: timestep of the clean context pass that commits a chunk (0 = clean).
+        noise: what re-noises ``x0`` between steps: ``fresh`` noise (Self Forcing's stochastic sampler, the
+            default) or the noise the model ``predicted`` (``eps = x + (1 - sigma) * v``), which makes each
+            step the Euler step ``x <- x + (sigma_next - sigma) * v`` of the flow ODE: what an undistilled
+            model such as the drift lab needs.
     """
 
     denoising_steps: tuple[float, ...] = attrs.field(
@@ -53,11 +57,17 @@ class Sampler:
     shift: float = attrs.field(default=5.0, converter=float)
     warp: bool = True
     context_noise: float = attrs.field(default=0.0, converter=float)
+    noise: str = attrs.field(default="fresh")
 
     @shift.validator
     def _check_shift(self, attribute: attrs.Attribute, value: float) -> None:
         if not value > 0:
             raise ParameterError(f"sampler shift must be > 0, got {value!r}")
+
+    @noise.validator
+    def _check_noise(self, attribute: attrs.Attribute, value: str) -> None:
+        if value not in ("fresh", "predicted"):
+            raise ParameterError(f"sampler noise={value!r} is not allowed; choose fresh or predicted")
 
     @context_noise.validator
     def _check_ctx(self, attribute: attrs.Attribute, value: float) -> None:
@@ -80,6 +90,7 @@ class Sampler:
             "shift": self.shift,
             "warp": self.warp,
             "context_noise": self.context_noise,
+            "noise": self.noise,
             "sigmas": self.sigmas(),
         }
 
@@ -197,12 +208,15 @@ class ModelEntry:
         adapter: the adapter family (``wan``).
         loader: ``"module:function"``; called as ``function(**options)`` and returns a :class:`ModelAdapter`.
         summary: one line for ``cachepolicy plugins``.
+        provides_ground_truth: the adapter's :meth:`ModelAdapter.ground_truth` describes the scene a prompt
+            asks for (so ground-truth metrics apply to this model).
     """
 
     name: str
     adapter: str
     loader: str
     summary: str = ""
+    provides_ground_truth: bool = False
 
     def load(self, **options: Any) -> ModelAdapter:
         module_name, _, attr = self.loader.partition(":")

@@ -11,6 +11,13 @@ from cachepolicy.models import ModelEntry
 
 MODELS = [
     ModelEntry(
+        name="drift-lab",
+        adapter="wan",
+        loader="cachepolicy.adapters.wan.drift_lab:load_drift_lab",
+        summary="the drift lab's trained model on 16x16 sprite scenes (path=DIR of lab weights until they ship)",
+        provides_ground_truth=True,
+    ),
+    ModelEntry(
         name="tiny-wan",
         adapter="wan",
         loader="cachepolicy.adapters.wan.tiny:load_tiny_wan",

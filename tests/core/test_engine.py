@@ -219,3 +219,30 @@ def test_a_misspelt_hook_is_an_error_not_a_silent_no_op(tiny_wan):
 
     with pytest.raises(PluginLoadError, match="policy .*misspelt.* does not fit the rollout hooks.*cachepolicy_selcet"):
         Session(tiny_wan(), [Misspelt()], RolloutConfig(num_chunks=1, prompts=["x"], seeds=[0]))
+
+
+def test_predicted_noise_sampler_takes_euler_steps(tiny_wan):
+    """``noise=predicted``: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v_i exactly, and x0 = x - sigma * v."""
+    from cachepolicy.models import Sampler
+
+    sampler = Sampler(denoising_steps=(1000, 750, 500, 250), warp=False, noise="predicted")
+    recorder = Recorder()
+    session, _ = run(tiny_wan(seed=9), [recorder], chunks=2, sampler=sampler)
+    forwards = session.policy_state[recorder.spec]["forwards"]
+    sigmas = sampler.sigmas()
+    assert sigmas == [1.0, 0.75, 0.5, 0.25]
+    for chunk in range(2):
+        steps = [f for f in forwards if f["chunk"] == chunk]
+        for i in range(3):
+            x, v, x_next = steps[i]["x_t"].double(), steps[i]["output"].double(), steps[i + 1]["x_t"].double()
+            assert torch.allclose(x_next, x + (sigmas[i + 1] - sigmas[i]) * v, atol=1e-6, rtol=0)
+
+
+def test_fresh_and_predicted_noise_differ_only_after_the_first_step(tiny_wan):
+    from cachepolicy.models import Sampler
+
+    fresh, predicted = Recorder(), Recorder()
+    s1, _ = run(tiny_wan(seed=9), [fresh], chunks=1, sampler=Sampler(noise="fresh"))
+    s2, _ = run(tiny_wan(seed=9), [predicted], chunks=1, sampler=Sampler(noise="predicted"))
+    a, b = s1.policy_state[fresh.spec]["forwards"], s2.policy_state[predicted.spec]["forwards"]
+    assert torch.equal(a[0]["x_t"], b[0]["x_t"]) and not torch.allclose(a[1]["x_t"], b[1]["x_t"])

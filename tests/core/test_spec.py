@@ -94,6 +94,7 @@ def test_self_forcing_warped_steps():
     ({"denoising_steps": (1500,)}, r"in \(0, 1000\]"),
     ({"shift": 0}, "shift must be > 0"),
     ({"context_noise": -1}, "context_noise must be in"),
+    ({"noise": "ddim"}, "noise=.ddim. is not allowed; choose fresh or predicted"),
 ])
 def test_sampler_validation(kwargs, message):
     with pytest.raises(ParameterError, match=message):

@@ -1,0 +1,82 @@
+"""``drift-lab``: the drift lab's trained Wan model through the same Wan adapter as every Wan model.
+
+The drift lab (:mod:`cachepolicy.lab`) is a small stock ``WanTransformer3DModel`` (patch ``(1, 1, 1)``)
+trained here with diffusion forcing on procedural scenes whose ground truth is known. This module adds
+only what is specific to it on top of :class:`~cachepolicy.adapters.wan.adapter.WanAdapter`:
+
+* its recipe: the Euler sampler it was trained for (``Sampler(noise="predicted")``, the lab's steps and
+  shift, no warping) and 3 frames per chunk;
+* its text embedding (:func:`cachepolicy.lab.text.embed_prompts`, a fixed seeded word table);
+* a decoder: the latent is the frames pixel-unshuffled by 2, so decoding is exact, with no learned VAE;
+* ground truth: the prompt's :class:`~cachepolicy.lab.scenes.SceneSpec`, for the ground-truth metrics.
+
+Weights: a folder written by ``python -m cachepolicy.lab.train`` (its ``final/``: ``config.json`` and
+``weights.safetensors``), given as ``path=DIR``; the trained weights will ship inside the package.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cachepolicy.adapters.wan.adapter import WanAdapter, cast_model
+from cachepolicy.errors import CheckpointError
+from cachepolicy.models import Sampler
+
+logger = logging.getLogger(__name__)
+
+
+def packaged_weights() -> Path:
+    """Where the trained weights ship: ``cachepolicy/lab/weights/`` (absent until they are trained)."""
+    from importlib.resources import files
+
+    return Path(str(files("cachepolicy.lab"))) / "weights"
+
+
+class DriftLabAdapter(WanAdapter):
+    """A :class:`WanAdapter` for the drift-lab model, with an exact decoder and the scene's ground truth."""
+
+    def __init__(self, model: Any, config: Any) -> None:
+        from cachepolicy.lab.sampling import sigma_schedule
+        from cachepolicy.lab.text import embed_prompts
+
+        self.lab_config = config
+        sigmas = sigma_schedule(config.sampler_steps, config.sampler_shift)[:-1]
+        sampler = Sampler(denoising_steps=tuple(1000.0 * float(s) for s in sigmas), warp=False, noise="predicted")
+        super().__init__(model, name="drift-lab", latent_size=config.latent_hw,
+                         text_encoder=lambda prompts: embed_prompts(list(prompts), config.text),
+                         frames_per_chunk=config.chunk_frames, sampler=sampler)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """``[B, 12, F, 8, 8]`` latents -> ``[B, F, 3, 16, 16]`` frames in [0, 1] (exact inverse transform)."""
+        frames = self.lab_config.latent.decode(latent.float().cpu())
+        return ((frames + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def ground_truth(self, prompt: str, seed: int, num_frames: int) -> Any:
+        """The prompt's scene description (sprites' colours, shapes, counts; background)."""
+        from cachepolicy.lab.scenes import parse_prompt
+
+        return parse_prompt(prompt)
+
+
+def load_drift_lab(path: str | None = None, *, device: str = "cpu", dtype: str = "float32") -> DriftLabAdapter:
+    """Load the drift-lab model from ``path`` (a lab weights folder) or from the packaged weights."""
+    from cachepolicy.lab.checkpoint import load_lab_model
+    from cachepolicy.lab.errors import LabError
+
+    folder = Path(path) if path is not None else packaged_weights()
+    if not (folder / "config.json").is_file():
+        if path is None:
+            raise CheckpointError(
+                "the drift-lab weights are not shipped in this version yet; train them with "
+                "'python -m cachepolicy.lab.train --out DIR' and pass --model-option path=DIR/final"
+            )
+        raise CheckpointError(f"{folder} holds no config.json: not a drift-lab weights folder (DIR/final)")
+    try:
+        model, config = load_lab_model(folder)
+    except LabError as exc:
+        raise CheckpointError(f"cannot load drift-lab weights from {folder}: {exc}") from exc
+    return DriftLabAdapter(cast_model(model, device, dtype), config)

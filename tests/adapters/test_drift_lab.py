@@ -1,0 +1,91 @@
+"""The drift-lab model through the Wan adapter: loading, exact decoding, its recipe, ground-truth metrics."""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import pytest
+import torch
+
+from cachepolicy.errors import CheckpointError
+from tests.oracle import Recorder, check_rollout_against_full_forward
+
+PROMPT = "a white disc and a red square bouncing slowly over a teal-to-purple gradient"
+
+
+@pytest.fixture
+def lab_weights(tmp_path):
+    """A small random drift-lab model saved in the lab's weights format (every parameter randomised)."""
+    from cachepolicy.adapters.wan.tiny import randomize_
+    from cachepolicy.lab.checkpoint import save_weights_dir
+    from cachepolicy.lab.model import LabConfig, build_transformer
+
+    config = attrs.evolve(LabConfig(), layers=2, heads=2, dim_head=16, ffn_dim=64, sampler_steps=4)
+    model = randomize_(build_transformer(config, seed=0), seed=0)
+    save_weights_dir(tmp_path / "final", config, {k: v.contiguous() for k, v in model.state_dict().items()})
+    return tmp_path / "final"
+
+
+def test_loads_with_its_recipe_and_matches_the_full_forward(lab_weights, registry):
+    from cachepolicy.engine import RolloutConfig, Session
+
+    adapter = registry.model("drift-lab").load(path=str(lab_weights))
+    info = adapter.info
+    assert (info.latent_channels, info.latent_height, info.token_rows, info.frames_per_chunk) == (12, 8, 8, 3)
+    assert info.sampler.noise == "predicted" and not info.sampler.warp
+    assert info.sampler.sigmas() == pytest.approx([1.0, 0.75, 0.5, 0.25])  # the lab's 4-step Euler schedule
+    recorder = Recorder()
+    session = Session(adapter, [recorder], RolloutConfig(num_chunks=3, prompts=[PROMPT], seeds=[0]))
+    result = session.run()
+    assert check_rollout_against_full_forward(adapter, result, session.policy_state[recorder.spec]) <= 1e-5
+
+
+def test_decoding_is_the_exact_inverse_of_the_latent_transform(lab_weights, registry):
+    from cachepolicy.lab.scenes import build_scene
+
+    adapter = registry.model("drift-lab").load(path=str(lab_weights))
+    scene = build_scene(PROMPT, seed=3)
+    frames = torch.from_numpy(scene.frames)  # [T, 3, 16, 16] in [-1, 1]
+    latent = adapter.lab_config.latent.encode(frames)  # [1, 12, T, 8, 8]
+    decoded = adapter.decode(latent)[0]
+    assert torch.allclose(decoded, (frames + 1) / 2, atol=1e-7)
+    assert adapter.ground_truth(PROMPT, 3, frames.shape[0]) == scene.spec
+
+
+def test_scene_metrics_are_zero_on_the_true_video_and_see_a_planted_change(registry):
+    from cachepolicy.lab.scenes import build_scene
+    from cachepolicy.metrics import JobData
+
+    scene = build_scene(PROMPT, seed=1)
+    frames = (torch.from_numpy(scene.frames) + 1) / 2  # [12, 3, 16, 16] in [0, 1]
+
+    def job(video):
+        return JobData(latents=torch.zeros(12, 12, 8, 8), frames=video, trace=[{}] * 4, frames_per_chunk=3,
+                       token_grid=None, prompt=PROMPT, seed=1, policy="full", ground_truth=scene.spec)
+
+    names = ["scene-background-error", "scene-count-error", "scene-colour-error", "scene-size-error"]
+    for name in names:
+        value = registry.metric(name)().compute(job(frames))
+        # exact up to the [0, 1] -> [-1, 1] round trip of the frames (float32, ~1e-8)
+        assert value.value == pytest.approx(0.0, abs=1e-6), name
+        assert value.per_chunk == pytest.approx((0.0,) * 4, abs=1e-6), name
+    planted = frames.clone()
+    planted[9:] = planted[9:] * 0.5  # the last chunk darkens
+    assert registry.metric("scene-background-error")().compute(job(planted)).per_chunk[3] > 0.05
+    no_truth = attrs.evolve(job(frames), ground_truth=None)
+    assert math.isnan(registry.metric("scene-count-error")().compute(no_truth).value)
+
+
+def test_ground_truth_metrics_are_default_only_for_models_that_provide_ground_truth():
+    from cachepolicy.compare import default_metrics
+
+    assert "scene-count-error" in default_metrics(model="drift-lab")
+    assert not any(m.startswith("scene-") for m in default_metrics(model="tiny-wan"))
+
+
+def test_missing_weights_say_what_to_do(registry, tmp_path):
+    with pytest.raises(CheckpointError, match="not shipped in this version yet.*--model-option path=DIR/final"):
+        registry.model("drift-lab").load()
+    with pytest.raises(CheckpointError, match="holds no config.json"):
+        registry.model("drift-lab").load(path=str(tmp_path))
