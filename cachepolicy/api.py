@@ -101,11 +101,24 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def _write_videos(adapter: ModelAdapter, latents: Any, folder: Path) -> list[Path]:
+    """``video.mp4`` and ``video.gif`` of the decoded latents, or nothing for a model without a decoder."""
+    from cachepolicy.outputs import save_videos
+
+    try:
+        frames = adapter.decode(latents)
+    except NotImplementedError:
+        logger.info("model %s has no decoder: no video written", adapter.info.name)
+        return []
+    return save_videos(folder, frames)
+
+
 def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequence[Policy], *, out: str | Path,
                num_chunks: int, seed: int = 0, batch: int = 1, prompts: Sequence[str] | None = None,
                model_options: dict[str, Any] | None = None, force: bool = False,
-               progress: bool = False) -> dict[str, Path]:
-    """One rollout written to ``out`` (``run.json``, ``trace.jsonl``, ``latents.safetensors``).
+               progress: bool = False) -> dict[str, Any]:
+    """One rollout written to ``out`` (``run.json``, ``trace.jsonl``, ``latents.safetensors``, and
+    ``video.mp4`` / ``video.gif`` of the decoded frames when the model has a decoder).
 
     Samples get seeds ``seed, seed+1, ...``; ``prompts`` has one entry per sample (a single prompt is
     repeated over the batch). On a model failure (non-finite output) the chunks finished so far are
@@ -164,9 +177,10 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
         writer.close()
     save_latents(folder / LATENTS_FILE, result.latents,
                  metadata={"frames_per_chunk": str(info.frames_per_chunk), "model": model_name})
+    videos = _write_videos(adapter, result.latents, folder)
     run.update(status="completed", chunks_completed=len(result.trace),
-               seconds=sum(r["seconds"] for r in result.trace))
+               seconds=sum(r["seconds"] for r in result.trace), videos=[p.name for p in videos])
     atomic_write_json(folder / RUN_FILE, run)
     return {"dir": folder, "run": folder / RUN_FILE, "trace": folder / TRACE_FILE,
-            "latents": folder / LATENTS_FILE}
+            "latents": folder / LATENTS_FILE, "videos": videos}
 

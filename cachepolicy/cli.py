@@ -205,6 +205,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"wrote {paths['latents']}")
     print(f"wrote {paths['trace']}")
     print(f"wrote {paths['run']}")
+    for video in paths.get("videos", []):
+        print(f"wrote {video}")
     return 0
 
 

@@ -5,6 +5,8 @@
 ``DIR/trace.jsonl``   one JSON object per chunk, appended and flushed as each chunk finishes.
 ``DIR/latents.safetensors``  key ``latents``, ``[B, C, F, H, W]`` float32; written atomically at the end,
                       or with the chunks finished so far when the run fails.
+``DIR/video.mp4``, ``DIR/video.gif``  the decoded frames (samples side by side), when the model has a
+                      decoder.
 
 Files are replaced atomically (write to a temporary file, then rename), so a crash never leaves a
 half-written ``run.json`` or latents file.
@@ -98,3 +100,50 @@ def read_run(folder: str | Path) -> tuple[Any, dict[str, Any], list[dict[str, An
         trace = [json.loads(line) for line in trace_path.read_text().splitlines() if line.strip()]
     latents = load_file(folder / LATENTS_FILE)["latents"] if (folder / LATENTS_FILE).is_file() else None
     return latents, run, trace
+
+
+def save_videos(folder: Path, frames: Any, fps: int = 8, min_size: int = 128) -> list[Path]:
+    """Write ``video.mp4`` and ``video.gif`` of decoded frames ``[B, T, 3, H, W]`` in [0, 1].
+
+    Samples are laid side by side; small frames are enlarged (nearest neighbour) to at least ``min_size``
+    pixels high so that they can be seen. The MP4 uses the ffmpeg that ``imageio-ffmpeg`` ships.
+    """
+    import imageio.v3 as iio
+    import numpy as np
+    import torch
+
+    video = frames.detach().float().cpu().clamp(0, 1)
+    batch, steps, _, height, width = video.shape
+    scale = max(1, -(-min_size // height))
+    if scale > 1:
+        video = torch.nn.functional.interpolate(video.flatten(0, 1), scale_factor=scale, mode="nearest")
+        video = video.unflatten(0, (batch, steps))
+    video = torch.cat(list(video), dim=-1)  # samples side by side: [T, 3, H, B * W]
+    pixels = (video.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    pixels = np.ascontiguousarray(pixels[:, : pixels.shape[1] // 2 * 2, : pixels.shape[2] // 2 * 2])
+    written = []
+    gif = folder / "video.gif"
+    atomic_write_bytes(gif, iio.imwrite("<bytes>", pixels, extension=".gif", duration=1000 // fps, loop=0))
+    written.append(gif)
+    mp4 = folder / "video.mp4"
+    atomic_write_bytes(mp4, _mp4_bytes(pixels, fps))
+    written.append(mp4)
+    return written
+
+
+def _mp4_bytes(pixels: Any, fps: int) -> bytes:
+    """H.264 MP4 of ``pixels`` ``[T, H, W, 3]`` uint8 through imageio-ffmpeg's bundled ffmpeg."""
+    import tempfile as _tempfile
+
+    import imageio_ffmpeg
+
+    with _tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "video.mp4"
+        height, width = pixels.shape[1:3]
+        writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, codec="libx264",
+                                             pix_fmt_out="yuv420p", macro_block_size=1, quality=8)
+        writer.send(None)
+        for frame in pixels:
+            writer.send(frame.tobytes())
+        writer.close()
+        return path.read_bytes()

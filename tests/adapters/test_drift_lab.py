@@ -89,3 +89,32 @@ def test_missing_weights_say_what_to_do(registry, tmp_path):
         registry.model("drift-lab").load()
     with pytest.raises(CheckpointError, match="holds no config.json"):
         registry.model("drift-lab").load(path=str(tmp_path))
+
+
+def test_run_writes_mp4_and_gif_of_the_decoded_frames(lab_weights, tmp_path, capsys):
+    import imageio.v3 as iio
+
+    from cachepolicy.cli import main
+
+    out = tmp_path / "run"
+    code = main(["run", "drift-lab", "--model-option", f"path={lab_weights}", "--chunks", "2", "--batch", "2",
+                 "--prompt", PROMPT, "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "video.mp4" in printed and "video.gif" in printed
+    gif = iio.imread(out / "video.gif", index=None)
+    assert gif.shape[:3] == (6, 128, 256)  # 6 frames; 16x16 enlarged x8; two samples side by side
+    import imageio_ffmpeg
+
+    frames, _ = imageio_ffmpeg.count_frames_and_secs(str(out / "video.mp4"))
+    assert frames == 6
+
+
+def test_no_video_for_a_model_without_decoder(tmp_path):
+    import json
+
+    from cachepolicy.cli import main
+
+    assert main(["run", "tiny-wan", "--chunks", "1", "--out", str(tmp_path / "r")]) == 0
+    assert not (tmp_path / "r" / "video.gif").exists()
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["videos"] == []
