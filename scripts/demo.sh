@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Set up, then run the main job: compare four cache policies on the embedded default model and write a
-# report (table, plots, side-by-side videos). Rerunning resumes; pass another folder as $1 to start anew.
+# Set up, then run the main job: compare four cache policies on the embedded default model (the drift
+# lab, trained here) and write a report (table, plots, side-by-side videos). Rerunning resumes; pass
+# another folder as $1 to start anew.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 out="${1:-runs/compare}"
-model="${CACHEPOLICY_DEMO_MODEL:-tiny-wan}"
-.venv/bin/cachepolicy compare "$model" \
-    --policies "full; sliding-window:frames=6; attention-sink:frames=3+sliding-window:frames=6; attention-sink:frames=3+sliding-window:frames=6+tokentrim:p=0.1" \
-    --prompts "a red square bouncing; two blue discs" --seeds 0-3 --chunks 12 --out "$out"
+.venv/bin/cachepolicy compare drift-lab \
+    --policies "full; sliding-window:frames=9; attention-sink:frames=3+sliding-window:frames=6; attention-sink:frames=3+sliding-window:frames=6+tokentrim:p=0.1" \
+    --prompts "a red triangle bouncing slowly over a gray-to-purple gradient; three cyan discs bouncing slowly over an olive-to-maroon gradient" \
+    --seeds 0-3 --chunks 12 --out "$out"
 echo "open $out/report.html (summary in $out/summary.md, raw results in $out/results.jsonl)"

@@ -14,7 +14,7 @@ MODELS = [
         name="drift-lab",
         adapter="wan",
         loader="cachepolicy.adapters.wan.drift_lab:load_drift_lab",
-        summary="the drift lab's trained model on 16x16 sprite scenes (path=DIR of lab weights until they ship)",
+        summary="the drift lab's model trained here on 16x16 sprite scenes with known ground truth (shipped weights)",
         provides_ground_truth=True,
     ),
     ModelEntry(

@@ -10,8 +10,9 @@ only what is specific to it on top of :class:`~cachepolicy.adapters.wan.adapter.
 * a decoder: the latent is the frames pixel-unshuffled by 2, so decoding is exact, with no learned VAE;
 * ground truth: the prompt's :class:`~cachepolicy.lab.scenes.SceneSpec`, for the ground-truth metrics.
 
-Weights: a folder written by ``python -m cachepolicy.lab.train`` (its ``final/``: ``config.json`` and
-``weights.safetensors``), given as ``path=DIR``; the trained weights will ship inside the package.
+Weights: those shipped in ``cachepolicy/lab/weights/``, or a folder written by
+``python -m cachepolicy.lab.train`` (its ``final/``: ``config.json`` and ``weights.safetensors``) given
+as ``path=DIR``.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def load_drift_lab(path: str | None = None, *, device: str = "cpu", dtype: str =
     if not (folder / "config.json").is_file():
         if path is None:
             raise CheckpointError(
-                "the drift-lab weights are not shipped in this version yet; train them with "
+                f"no drift-lab weights in {folder} (this installation lacks the package data); train them with "
                 "'python -m cachepolicy.lab.train --out DIR' and pass --model-option path=DIR/final"
             )
         raise CheckpointError(f"{folder} holds no config.json: not a drift-lab weights folder (DIR/final)")

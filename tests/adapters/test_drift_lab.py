@@ -84,8 +84,11 @@ def test_ground_truth_metrics_are_default_only_for_models_that_provide_ground_tr
     assert not any(m.startswith("scene-") for m in default_metrics(model="tiny-wan"))
 
 
-def test_missing_weights_say_what_to_do(registry, tmp_path):
-    with pytest.raises(CheckpointError, match="not shipped in this version yet.*--model-option path=DIR/final"):
+def test_missing_weights_say_what_to_do(registry, tmp_path, monkeypatch):
+    import cachepolicy.adapters.wan.drift_lab as drift_lab
+
+    monkeypatch.setattr(drift_lab, "packaged_weights", lambda: tmp_path / "absent")
+    with pytest.raises(CheckpointError, match="no drift-lab weights in .*--model-option path=DIR/final"):
         registry.model("drift-lab").load()
     with pytest.raises(CheckpointError, match="holds no config.json"):
         registry.model("drift-lab").load(path=str(tmp_path))
