@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    print(f"first trigger after the fault, per sample: "
+    print("first trigger after the fault, per sample: "
           + "; ".join(f"{r['target']}/{r['summary_at']}: {r['first_trigger_chunk']}" for r in rows))
     print(f"({report['seconds']:.1f} s, {torch.get_num_threads()} thread(s))")
     return 0

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         ("model forwards (ms)", f"{summary['forward_ms']:.2f}"),
         ("engine + policy overhead (ms)", f"{summary['overhead_ms']:.3f}"),
         ("overhead fraction (target <= 2%)", f"{100 * overhead_fraction:.2f}%"),
-        (f"memory first 10% after warm-up (MB)", f"{summary['memory_first_mb']:.1f}"),
+        ("memory first 10% after warm-up (MB)", f"{summary['memory_first_mb']:.1f}"),
         ("memory last 10% (MB)", f"{summary['memory_last_mb']:.1f}"),
         ("memory growth (target <= 5%)", f"{100 * memory_growth:+.2f}%"),
         ("cache K/V buffer (MB), growth", f"{summary['cache_mb_last']:.2f}, {100 * cache_growth:+.2f}%"),

@@ -266,10 +266,6 @@ class KVCache:
         return int(removed)
 
     # --------------------------------------------------------------------------------------- helpers
-    def resident_keys(self, layer: int, sample: int) -> torch.Tensor:
-        """``[lengths[sample], H, D]`` resident keys of one sample in one layer (a view)."""
-        return self.k[layer, sample, : self.lengths[sample]]
-
     def check_consistent(self) -> None:
         """Raise :class:`CacheShapeError` if metadata and storage disagree (used by tests and debugging)."""
         for b, length in enumerate(self.lengths):

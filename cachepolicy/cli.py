@@ -150,8 +150,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.executor == "ray":
         executor_options = {"address": args.ray_address, "gpus_per_job": args.gpus_per_job}
     executor = make_executor(args.executor, **executor_options)
-    summary = run_compare(config, args.out, executor=executor, force=args.force,
-                          progress=not args.no_progress and sys.stderr.isatty())
+    run_compare(config, args.out, executor=executor, force=args.force,
+                progress=not args.no_progress and sys.stderr.isatty())
     from pathlib import Path
 
     print((Path(args.out) / "summary.md").read_text())

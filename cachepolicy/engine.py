@@ -385,6 +385,7 @@ class Session:
         if not requests:
             return None
         view = self.cache.view()
+        protected = self._protected(view)
         restart = torch.zeros(self.batch_size, dtype=torch.bool)
         drop = torch.zeros_like(view.valid)
         for name, request in requests:
@@ -406,7 +407,6 @@ class Session:
                 if allowed[b]:
                     counts[b] += 1
             mask = request.drop.to(view.valid.device) & allowed.to(view.valid.device).unsqueeze(1)
-            protected = self._protected(view)
             removed = mask & view.valid & ~protected
             pruned_by[name] = pruned_by.get(name, 0) + int(removed.sum())
             drop |= removed

@@ -37,7 +37,7 @@ class RayExecutor:
     def __init__(self, address: str | None = None, gpus_per_job: float = 0.0, cpus_per_job: float = 1.0,
                  max_in_flight: int | None = None) -> None:
         try:
-            import ray  # noqa: F401
+            import ray  # noqa: F401 - only checks that Ray is installed
         except ImportError as exc:
             raise CompareConfigError(
                 "the ray executor needs Ray: pip install 'cachepolicy[ray]'"

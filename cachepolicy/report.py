@@ -8,7 +8,6 @@ Everything the HTML refers to lies inside the folder, so it opens offline.
 from __future__ import annotations
 
 import html
-import json
 import logging
 import math
 from collections.abc import Sequence

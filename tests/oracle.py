@@ -15,9 +15,9 @@ import attrs
 import torch
 
 from cachepolicy.adapters.wan.adapter import WanAdapter, masked_forward
-from cachepolicy.engine import RolloutResult
+from cachepolicy.engine import RolloutConfig, RolloutResult, Session
 from cachepolicy.hookspecs import hookimpl
-from cachepolicy.policy import Policy
+from cachepolicy.policy import Policy, build_policies
 
 
 def resident_ids(view, tokens_per_frame: int) -> list[torch.Tensor]:
@@ -85,3 +85,14 @@ def check_rollout_against_full_forward(adapter: WanAdapter, result: RolloutResul
         expected = full[:, :, c * F:]
         worst = max(worst, float((expected - fwd["output"].cpu()).abs().max()))
     return worst
+
+
+def run_recorded(adapter, registry, spec, num_chunks, seeds, prompts=None, sampler=None):
+    """Run ``spec`` (may be empty) with a :class:`Recorder`; returns ``(result, records, session)``."""
+    policies = build_policies(spec, registry.policies) if spec else []
+    recorder = Recorder()
+    prompts = prompts or [f"prompt number {s}" for s in seeds]
+    session = Session(adapter, [*policies, recorder], RolloutConfig(
+        num_chunks=num_chunks, prompts=prompts, seeds=list(seeds), sampler=sampler))
+    result = session.run()
+    return result, session.policy_state[recorder.spec], session

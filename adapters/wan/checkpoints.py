@@ -452,14 +452,11 @@ def build_strict(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tenso
         key: value.to(torch.float32 if any(part in key for part in keep) else target)
         for key, value in state_dict.items()
     }
-    try:
-        model.load_state_dict(weights, strict=True, assign=True)
-        leftover = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-        if leftover:
-            raise CheckpointError(f"{source}: tensors left unloaded: {leftover[:LIST_LIMIT]}")
-    except BaseException:
-        del model, weights
-        raise
+    # the model is only returned once complete: a failure leaves nothing half-loaded in use
+    model.load_state_dict(weights, strict=True, assign=True)
+    leftover = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{source}: tensors left unloaded: {leftover[:LIST_LIMIT]}")
     return model.to(device).eval()
 
 

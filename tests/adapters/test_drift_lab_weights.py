@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 
 from cachepolicy.compare import CompareConfig, run_compare
 

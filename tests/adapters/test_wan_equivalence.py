@@ -7,22 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachepolicy.engine import RolloutConfig, Session
 from cachepolicy.models import Sampler
-from cachepolicy.policy import build_policies
-from tests.oracle import Recorder, check_rollout_against_full_forward
+from tests.oracle import check_rollout_against_full_forward, run_recorded
 
 TOLERANCE = 1e-5  # fp32
-
-
-def run_recorded(adapter, registry, spec, num_chunks, batch, seed=0, sampler=None):
-    policies = build_policies(spec, registry.policies) if spec else []
-    recorder = Recorder()
-    session = Session(adapter, [*policies, recorder], RolloutConfig(
-        num_chunks=num_chunks, prompts=[f"prompt number {b}" for b in range(batch)],
-        seeds=[seed + b for b in range(batch)], sampler=sampler))
-    result = session.run()
-    return result, session.policy_state[recorder.spec]
 
 
 @pytest.mark.parametrize("spec", [
@@ -35,7 +23,7 @@ def run_recorded(adapter, registry, spec, num_chunks, batch, seed=0, sampler=Non
 ])
 def test_builtin_policies_match_full_forward(tiny_wan, registry, spec):
     adapter = tiny_wan(seed=1)
-    result, records = run_recorded(adapter, registry, spec, num_chunks=5, batch=2)
+    result, records, _ = run_recorded(adapter, registry, spec, num_chunks=5, seeds=[0, 1])
     assert len(records["forwards"]) == 5 * 4
     assert check_rollout_against_full_forward(adapter, result, records) <= TOLERANCE
 
@@ -43,7 +31,7 @@ def test_builtin_policies_match_full_forward(tiny_wan, registry, spec):
 def test_oracle_detects_a_wrong_mask(tiny_wan, registry):
     """The oracle is not vacuous: claiming a window when the cache kept everything is caught."""
     adapter = tiny_wan(seed=2)
-    result, records = run_recorded(adapter, registry, "full", num_chunks=4, batch=1)
+    result, records, _ = run_recorded(adapter, registry, "full", num_chunks=4, seeds=[0])
     # pretend the last chunk's forwards only saw the most recent 3 frames
     tpf = adapter.info.tokens_per_frame
     for fwd in records["forwards"]:
@@ -69,8 +57,9 @@ def test_random_compositions_match_full_forward(tiny_wan, registry, num_chunks, 
         specs.append(f"sliding-window:frames={window}")
     if sink is not None:
         specs.append(f"attention-sink:frames={sink}")
-    result, records = run_recorded(adapter, registry, "+".join(specs), num_chunks, batch, seed=seed,
-                                   sampler=Sampler(denoising_steps=(1000, 500)))
+    result, records, _ = run_recorded(adapter, registry, "+".join(specs), num_chunks,
+                                      seeds=[seed + b for b in range(batch)],
+                                      sampler=Sampler(denoising_steps=(1000, 500)))
     assert check_rollout_against_full_forward(adapter, result, records) <= TOLERANCE
 
 
@@ -84,11 +73,11 @@ def test_matches_skyreels_v2_block_causal_reference(tiny_wan, registry):
     from diffusers import SkyReelsV2Transformer3DModel
 
     adapter = tiny_wan(seed=3)
-    result, records = run_recorded(adapter, registry, "full", num_chunks=4, batch=2)
+    result, records, _ = run_recorded(adapter, registry, "full", num_chunks=4, seeds=[0, 1])
     config = dict(adapter.model.config)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     sky = SkyReelsV2Transformer3DModel(**config, num_frame_per_block=adapter.info.frames_per_chunk)
-    missing, unexpected = sky.load_state_dict(adapter.model.state_dict(), strict=True), None
+    sky.load_state_dict(adapter.model.state_dict(), strict=True)
     sky.eval()
     info = adapter.info
     F = info.frames_per_chunk

@@ -24,7 +24,8 @@ from cachepolicy.plugins.tokentrim import (
     unstable_set,
 )
 from cachepolicy.policy import build_policies
-from tests.oracle import Recorder, check_rollout_against_full_forward
+from tests import oracle
+from tests.oracle import check_rollout_against_full_forward
 from tests.plugins.scripted import ScriptedAdapter
 
 TOLERANCE = 1e-5
@@ -285,13 +286,7 @@ FAST = Sampler(denoising_steps=(1000, 750, 500))
 
 
 def run_recorded(adapter, registry, spec, num_chunks, seeds, prompts=None, sampler=FAST):
-    policies = build_policies(spec, registry.policies)
-    recorder = Recorder()
-    prompts = prompts or [f"prompt number {s}" for s in seeds]
-    session = Session(adapter, [*policies, recorder], RolloutConfig(
-        num_chunks=num_chunks, prompts=prompts, seeds=list(seeds), sampler=sampler))
-    result = session.run()
-    return result, session.policy_state[recorder.spec], session
+    return oracle.run_recorded(adapter, registry, spec, num_chunks, seeds, prompts=prompts, sampler=sampler)
 
 
 @pytest.mark.parametrize("spec", [
