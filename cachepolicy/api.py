@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cachepolicy.engine import RolloutConfig, RolloutResult, Session
+from cachepolicy.engine import PromptSwitch, RolloutConfig, RolloutResult, Session
 from cachepolicy.errors import CachePolicyError, UnknownNameError
 from cachepolicy.models import ModelAdapter, ModelEntry, Sampler
 from cachepolicy.outputs import (
@@ -35,6 +35,7 @@ from cachepolicy.outputs import (
 )
 from cachepolicy.policy import Policy
 from cachepolicy.policy import build_policies as _build
+from cachepolicy.recipes import Recipe, get_recipe
 from cachepolicy.registry import get_registry
 
 logger = logging.getLogger(__name__)
@@ -85,10 +86,28 @@ def _raise_if_failed_plugin(name: str) -> None:
 
 def rollout(model: ModelAdapter, policies: Sequence[Policy], *, num_chunks: int, prompts: Sequence[str],
             seeds: Sequence[int], sampler: Sampler | None = None, progress: bool = False,
-            on_chunk: Callable[[dict[str, Any]], None] | None = None) -> RolloutResult:
-    """Generate ``num_chunks`` chunks for a batch of ``len(prompts)`` samples (one seed each)."""
-    config = RolloutConfig(num_chunks=num_chunks, prompts=tuple(prompts), seeds=tuple(seeds), sampler=sampler)
+            on_chunk: Callable[[dict[str, Any]], None] | None = None, recipe: str | Recipe | None = None,
+            prompt_switches: Sequence[PromptSwitch] = ()) -> RolloutResult:
+    """Generate ``num_chunks`` chunks for a batch of ``len(prompts)`` samples (one seed each).
+
+    ``recipe`` (a name from :data:`cachepolicy.recipes.RECIPES` or a :class:`Recipe`) selects a system's
+    loop; its policies are composed in front of ``policies`` unless one of the same name is given.
+    ``prompt_switches`` change the prompts from a chunk on (LongLive's recipe re-caches there).
+    """
+    chosen = get_recipe(recipe) if recipe is not None else None
+    policies = _with_recipe_policies(chosen, list(policies))
+    config = RolloutConfig(num_chunks=num_chunks, prompts=tuple(prompts), seeds=tuple(seeds), sampler=sampler,
+                           recipe=chosen, prompt_switches=tuple(prompt_switches))
     return Session(model, policies, config, on_chunk=on_chunk, progress=progress).run()
+
+
+def _with_recipe_policies(recipe: Recipe | None, policies: list[Policy]) -> list[Policy]:
+    """The recipe's policies (those whose name the caller does not give) followed by ``policies``."""
+    if recipe is None or not recipe.policies:
+        return policies
+    given = {p.name for p in policies}
+    extra = [spec for spec in recipe.policies if spec.split(":", 1)[0] not in given]
+    return (build_policies(*extra) if extra else []) + policies
 
 
 def _versions() -> dict[str, str]:
@@ -116,12 +135,13 @@ def _write_videos(adapter: ModelAdapter, latents: Any, folder: Path) -> list[Pat
 def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequence[Policy], *, out: str | Path,
                num_chunks: int, seed: int = 0, batch: int = 1, prompts: Sequence[str] | None = None,
                model_options: dict[str, Any] | None = None, force: bool = False,
-               progress: bool = False) -> dict[str, Any]:
+               progress: bool = False, recipe: str | Recipe | None = None,
+               prompt_switches: Sequence[PromptSwitch] = ()) -> dict[str, Any]:
     """One rollout written to ``out`` (``run.json``, ``trace.jsonl``, ``latents.safetensors``, and
     ``video.mp4`` / ``video.gif`` of the decoded frames when the model has a decoder).
 
     Samples get seeds ``seed, seed+1, ...``; ``prompts`` has one entry per sample (a single prompt is
-    repeated over the batch). On a model failure (non-finite output) the chunks finished so far are
+    repeated over the batch). ``recipe`` and ``prompt_switches`` as in :func:`rollout`. On a model failure (non-finite output) the chunks finished so far are
     written, ``run.json`` says ``"status": "failed"``, and the error is raised.
     """
     if isinstance(policies, str):
@@ -131,6 +151,8 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
     if texts:
         built.extend(build_policies(*texts))
     built.extend(p for p in policies if isinstance(p, Policy))
+    chosen = get_recipe(recipe) if recipe is not None else None
+    built = _with_recipe_policies(chosen, built)
     model_name = model if isinstance(model, str) else model.info.name
     prompts = list(prompts) if prompts else ["a video"]
     if len(prompts) == 1:
@@ -138,7 +160,8 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
     if len(prompts) != batch:
         raise CachePolicyError(f"{len(prompts)} prompts for a batch of {batch}: give one prompt or one per sample")
     seeds = [seed + b for b in range(batch)]
-    config = RolloutConfig(num_chunks=num_chunks, prompts=tuple(prompts), seeds=tuple(seeds))
+    config = RolloutConfig(num_chunks=num_chunks, prompts=tuple(prompts), seeds=tuple(seeds), recipe=chosen,
+                           prompt_switches=tuple(prompt_switches))
     adapter = load_model(model, **(model_options or {})) if isinstance(model, str) else model
     session = Session(adapter, built, config, progress=progress)
     session.check()  # fail before anything is written
@@ -157,6 +180,8 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
         "tokens_per_frame": info.tokens_per_frame,
         "frames_per_chunk": info.frames_per_chunk,
         "sampler": session.sampler.to_json(),
+        "recipe": None if chosen is None else chosen.to_json(),
+        "prompt_switches": [{"chunk": s.chunk, "prompts": list(s.prompts)} for s in prompt_switches],
         "versions": _versions(),
         "package_version": _versions()["cachepolicy"],
         "status": "running",

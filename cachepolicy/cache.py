@@ -208,6 +208,51 @@ class KVCache:
             self.pinned[index] = False
         self.lengths = [length + n for length in self.lengths]
 
+    # ------------------------------------------------------------------------------- recipe operations
+    def clear(self) -> None:
+        """Forget every resident token (a recipe's restart, e.g. CausVid's long-video rollouts). The
+        storage is kept for reuse."""
+        self.lengths = [0] * self.batch_size
+        self.pinned.zero_()
+
+    def reencode_mask(self, num_tokens: int, frame_start: int, num_frames: int) -> torch.Tensor:
+        """Bool ``[B, 1, 1, max_length + num_tokens]`` for a re-encoding pass over frames
+        ``[frame_start, frame_start + num_frames)``: each sample sees its resident tokens of *other* frames
+        and its own provisional slot (the re-encoded frames), not the stale K/V it is about to replace."""
+        size = self.max_length
+        positions = torch.arange(size + num_tokens, device=self.device).unsqueeze(0)
+        lengths = torch.tensor(self.lengths, device=self.device).unsqueeze(1)
+        frames = torch.full((self.batch_size, size + num_tokens), -1, dtype=torch.long, device=self.device)
+        frames[:, :size] = self.meta["frame"][:, :size]
+        stale = (frames >= frame_start) & (frames < frame_start + num_frames)
+        resident = (positions < lengths) & ~stale
+        own = (positions >= lengths) & (positions < lengths + num_tokens)
+        return (resident | own)[:, None, None, :]
+
+    def replace_frames(self, frame_start: int, num_frames: int, tokens_per_frame: int) -> int:
+        """Give the resident tokens of frames ``[frame_start, frame_start + num_frames)`` the K/V just
+        written to the provisional slot (laid out frame, row, column, ``tokens_per_frame`` per frame).
+
+        Metadata is unchanged; nothing becomes resident. Returns the number of tokens replaced.
+        """
+        if tokens_per_frame % self.token_cols:
+            raise CacheShapeError(
+                f"tokens_per_frame={tokens_per_frame} is not a multiple of token_cols={self.token_cols}"
+            )
+        replaced = 0
+        for b, length in enumerate(self.lengths):
+            frames = self.meta["frame"][b, :length]
+            index = ((frames >= frame_start) & (frames < frame_start + num_frames)).nonzero().squeeze(1)
+            if index.numel() == 0:
+                continue
+            local = ((frames[index] - frame_start) * tokens_per_frame
+                     + self.meta["row"][b, index] * self.token_cols + self.meta["col"][b, index])
+            source = length + local
+            self.k[:, b, index] = self.k[:, b, source]
+            self.v[:, b, index] = self.v[:, b, source]
+            replaced += int(index.numel())
+        return replaced
+
     # --------------------------------------------------------------------------------------- policies
     def view(self) -> CacheView:
         """The resident tokens as ``[B, S]`` metadata views, ``S = max_length``."""

@@ -80,8 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     run.add_argument("--model-option", action="append", default=[], type=_parse_option, metavar="KEY=VALUE",
                      help="option passed to the model loader (e.g. seed=1, path=DIR)")
+    run.add_argument("--recipe", default=None, metavar="NAME",
+                     help="a system's inference loop: self-forcing, causvid, longlive (see 'cachepolicy recipes'); "
+                          "its policies compose with --policy")
+    run.add_argument("--switch", action="append", default=[], type=_parse_switch, metavar="CHUNK:PROMPT",
+                     help="from chunk CHUNK on, follow PROMPT (repeat for several switches; LongLive's recipe "
+                          "re-caches the recent frames under the new prompt)")
     run.add_argument("--force", action="store_true", help="replace a run already in --out")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    recipes = sub.add_parser("recipes", help="list the built-in inference recipes and their defaults",
+                             description="List the recipes that --recipe accepts, with their sampler, policies, "
+                                         "re-cache and restart settings and where they were read.")
+    recipes.add_argument("--json", action="store_true", help="print a JSON list of objects")
     compare = sub.add_parser(
         "compare", help="a grid of policies x prompts x seeds on one model, resumable, with a report",
         description="Run every (policy, prompt, seed) job, appending one line per finished job to "
@@ -116,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
                                         "DIR/config.json and DIR/results.jsonl.")
     report.add_argument("dir", help="a compare output folder")
     return parser
+
+
+def _parse_switch(text: str) -> Any:
+    from cachepolicy.engine import PromptSwitch
+
+    chunk, colon, prompt = text.partition(":")
+    try:
+        index = int(chunk)
+    except ValueError:
+        index = None
+    if not colon or index is None or not prompt.strip():
+        raise argparse.ArgumentTypeError(f"--switch {text!r}: write CHUNK:PROMPT, e.g. 4:'a cat turns around'")
+    return PromptSwitch(index, prompt.strip())
 
 
 def _model_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -195,12 +218,40 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from cachepolicy.recipes import RECIPES
+
+    if args.json:
+        print(json.dumps([recipe.to_json() for recipe in RECIPES.values()], indent=2))
+        return 0
+    for recipe in RECIPES.values():
+        print(f"{recipe.name}: {recipe.summary}")
+        if recipe.sampler is not None:
+            sampler = recipe.sampler
+            print(f"    timesteps {', '.join(f'{t:g}' for t in sampler.timesteps())}; sigmas "
+                  f"{', '.join(f'{s:.4f}' for s in sampler.sigmas())}; context noise {sampler.context_noise:g}")
+        if recipe.policies:
+            print(f"    policies {'+'.join(recipe.policies)}")
+        if recipe.recache is not None:
+            print(f"    re-cache at prompt switches: window {recipe.recache.window_frames} frames, "
+                  f"sink {recipe.recache.sink_frames}")
+        if recipe.restart is not None:
+            print(f"    restarts: rollouts of {recipe.restart.rollout_frames} frames, overlap "
+                  f"{recipe.restart.overlap_frames}")
+        print(f"    source {recipe.source}")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from cachepolicy.api import run_to_dir
+    from cachepolicy.recipes import get_recipe
 
-    paths = run_to_dir(args.model, args.policy or ["full"], out=args.out, num_chunks=args.chunks, seed=args.seed,
+    recipe = get_recipe(args.recipe) if args.recipe else None
+    policies = args.policy or ([] if recipe is not None and recipe.policies else ["full"])
+    paths = run_to_dir(args.model, policies, out=args.out, num_chunks=args.chunks, seed=args.seed,
                        batch=args.batch, prompts=args.prompt or None, model_options=_model_options(args),
-                       force=args.force, progress=not args.no_progress and sys.stderr.isatty())
+                       force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
+                       recipe=recipe, prompt_switches=args.switch)
     logger.info("run finished")
     print(f"wrote {paths['latents']}")
     print(f"wrote {paths['trace']}")
@@ -226,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cachepolicy.errors import CachePolicyError, NonFiniteOutputError
 
     try:
-        commands = {"plugins": _cmd_plugins, "run": _cmd_run, "compare": _cmd_compare, "report": _cmd_report}
+        commands = {"plugins": _cmd_plugins, "run": _cmd_run, "recipes": _cmd_recipes, "compare": _cmd_compare, "report": _cmd_report}
         return commands[args.command](args)
     except BrokenPipeError:  # e.g. 'cachepolicy plugins --json | head'
         sys.stderr.close()

@@ -47,6 +47,7 @@ from cachepolicy.errors import (
 from cachepolicy.hookspecs import PROJECT_NAME, RolloutSpecs
 from cachepolicy.models import ModelAdapter, ModelInfo, Sampler
 from cachepolicy.policy import Policy, PruneRequest, Selection, check_unique, compose
+from cachepolicy.recipes import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,33 @@ logger = logging.getLogger(__name__)
 def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise RolloutConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
+
+
+def _prompts(value: Any) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+@attrs.frozen
+class PromptSwitch:
+    """From ``chunk`` on, the samples follow ``prompts`` (one per sample, or one for all).
+
+    Under a recipe with :class:`~cachepolicy.recipes.Recache` (LongLive) the cache is re-encoded under the
+    new prompts before ``chunk`` is generated; otherwise only the conditioning changes.
+    """
+
+    chunk: int = attrs.field()
+    prompts: tuple[str, ...] = attrs.field(converter=_prompts)
+
+    @chunk.validator
+    def _check_chunk(self, attribute: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise RolloutConfigError(f"a prompt switch needs a chunk index >= 1 (chunk 0 uses the first prompts), "
+                                     f"got {value!r}")
+
+    @prompts.validator
+    def _check_prompts(self, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+        if not value or not all(isinstance(p, str) and p for p in value):
+            raise RolloutConfigError(f"a prompt switch needs non-empty prompt strings, got {value!r}")
 
 
 @attrs.frozen
@@ -64,9 +92,13 @@ class RolloutConfig:
         num_chunks: chunks to generate (each ``frames_per_chunk`` latent frames).
         prompts: one prompt per sample; the batch size is ``len(prompts)``.
         seeds: one seed per sample (same length as ``prompts``).
-        sampler: the denoising recipe; None uses the model's own (:attr:`ModelInfo.sampler`).
+        sampler: the denoising recipe; None uses the recipe's, else the model's own (:attr:`ModelInfo.sampler`).
         synchronize_timing: synchronise the device around each model forward so that per-chunk
             ``forward_seconds`` are exact on GPUs (costs a sync per forward; off by default).
+        recipe: the system's inference loop (:mod:`cachepolicy.recipes`); None is plain Self Forcing
+            chunking with the model's sampler. Its policies are added by the callers that build policies
+            (:func:`cachepolicy.recipes.merge_policy_specs`), not here.
+        prompt_switches: prompt changes mid-video, at increasing chunks in ``[1, num_chunks)``.
     """
 
     num_chunks: int = attrs.field(validator=_positive_int)
@@ -74,6 +106,31 @@ class RolloutConfig:
     seeds: tuple[int, ...] = attrs.field(converter=tuple)
     sampler: Sampler | None = None
     synchronize_timing: bool = False
+    recipe: Recipe | None = None
+    prompt_switches: tuple[PromptSwitch, ...] = attrs.field(default=(), converter=tuple)
+
+    @prompt_switches.validator
+    def _check_switches(self, attribute: attrs.Attribute, value: tuple[PromptSwitch, ...]) -> None:
+        previous = 0
+        for switch in value:
+            if not isinstance(switch, PromptSwitch):
+                raise RolloutConfigError(f"prompt_switches holds {switch!r}, expected PromptSwitch")
+            if switch.chunk >= self.num_chunks:
+                raise RolloutConfigError(
+                    f"a prompt switch at chunk {switch.chunk} does not exist: the rollout has chunks "
+                    f"0..{self.num_chunks - 1}, so switches can be at chunks 1..{self.num_chunks - 1}"
+                )
+            if switch.chunk <= previous:
+                raise RolloutConfigError(
+                    f"prompt switches must be at strictly increasing chunks, got chunk {switch.chunk} after "
+                    f"{previous}"
+                )
+            if len(switch.prompts) not in (1, len(self.prompts)):
+                raise RolloutConfigError(
+                    f"the prompt switch at chunk {switch.chunk} has {len(switch.prompts)} prompts for "
+                    f"{len(self.prompts)} samples: give one prompt or one per sample"
+                )
+            previous = switch.chunk
 
     @prompts.validator
     def _check_prompts(self, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
@@ -178,7 +235,9 @@ class Session:
         self.model: ModelInfo = adapter.info
         self.policies: tuple[Policy, ...] = tuple(policies)
         self.config = config
-        self.sampler: Sampler = config.sampler or self.model.sampler
+        self.recipe: Recipe | None = config.recipe
+        recipe_sampler = self.recipe.sampler if self.recipe is not None else None
+        self.sampler: Sampler = config.sampler or recipe_sampler or self.model.sampler
         self.batch_size = config.batch_size
         self.on_chunk = on_chunk
         self.progress = progress
@@ -209,7 +268,12 @@ class Session:
             )
         for policy in self.policies:
             policy.check_compatible(self.model)
-        self.adapter.check_rollout(self.config.num_chunks * self.model.frames_per_chunk, self.batch_size)
+        num_frames = self.config.num_chunks * self.model.frames_per_chunk
+        if self.recipe is not None:
+            if self.recipe.restart is not None:
+                self.recipe.restart.check(self.model.frames_per_chunk)
+            num_frames = self.recipe.max_rope_frames(num_frames)
+        self.adapter.check_rollout(num_frames, self.batch_size)
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> RolloutResult:
@@ -252,14 +316,22 @@ class Session:
             noises.append(torch.stack(per_sample).to(device=device, dtype=dtype))
         return noises
 
+    def _rope_start(self, chunk: int, frame_start: int) -> int:
+        restart = self.recipe.restart if self.recipe is not None else None
+        if restart is None:
+            return frame_start
+        return frame_start - restart.origin(chunk, self.model.frames_per_chunk)
+
     def _forward(self, latent: torch.Tensor, timestep: float, frame_start: int, chunk: int, commit: bool,
-                 timer: list[float]) -> torch.Tensor:
-        timesteps = torch.full((self.batch_size, self.model.frames_per_chunk), float(timestep))
+                 timer: list[float], rope_start: int | None = None) -> torch.Tensor:
+        timesteps = torch.full((self.batch_size, latent.shape[2]), float(timestep))
         sync = self.config.synchronize_timing and self.cache.device.type == "cuda"
         if sync:
             torch.cuda.synchronize(self.cache.device)
         start = time.perf_counter()
-        out = self.adapter.forward(latent, timesteps, frame_start, chunk, self.cache, self.conditioning, commit)
+        out = self.adapter.forward(latent, timesteps, frame_start, chunk, self.cache, self.conditioning, commit,
+                                   rope_start=self._rope_start(chunk, frame_start) if rope_start is None
+                                   else rope_start)
         if sync:
             torch.cuda.synchronize(self.cache.device)
         timer[0] += time.perf_counter() - start
@@ -272,8 +344,10 @@ class Session:
         frames = model.frames_per_chunk
         frame_start = chunk * frames
         sigmas = sampler.sigmas()
+        timesteps = sampler.timesteps()
         noises = self._noise(chunk, len(sigmas) + 1)  # initial noise, re-noising per step, context noise
         forward_time = [0.0]
+        recipe_record = self._recipe_prelude(chunk, frame_start, forward_time)
         call_each(self.pm, "cachepolicy_chunk_start", session=self, chunk=chunk)
 
         restarts: dict[str, list[int]] = {p.spec: [0] * self.batch_size for p in self.policies}
@@ -285,9 +359,9 @@ class Session:
             request_made = False
             x0 = x
             for step, sigma in enumerate(sigmas):
-                velocity = self._forward(x, 1000.0 * sigma, frame_start, chunk, False, forward_time)
+                velocity = self._forward(x, timesteps[step], frame_start, chunk, False, forward_time)
                 x0 = (x.double() - sigma * velocity.double()).to(x.dtype)
-                output = StepOutput(chunk, attempt, step, len(sigmas), 1000.0 * sigma, sigma, frame_start, x,
+                output = StepOutput(chunk, attempt, step, len(sigmas), timesteps[step], sigma, frame_start, x,
                                     velocity, x0, active, self.cache.view())
                 results = call_each(self.pm, "cachepolicy_after_step", session=self, step=output)
                 active_next = self._apply_prune_requests(results, restarts, pruned_by)
@@ -358,6 +432,7 @@ class Session:
             "retries": attempt,
             "retries_per_sample": list(self._retries_per_sample(restarts)),
             "cache_bytes": self.cache.nbytes(),
+            **recipe_record,
         }
         for name, extra in call_each(self.pm, "cachepolicy_chunk_end", session=self, chunk=chunk):
             if not extra:
@@ -373,6 +448,40 @@ class Session:
         logger.debug("chunk %d: %s", chunk, record)
         if self.on_chunk is not None:
             self.on_chunk(record)
+
+    def _recipe_prelude(self, chunk: int, frame_start: int, timer: list[float]) -> dict[str, Any]:
+        """Before ``chunk`` is denoised: a recipe's restart (CausVid) and a prompt switch, with a re-cache
+        under a recipe that has one (LongLive). Returns trace fields."""
+        record: dict[str, Any] = {}
+        frames = self.model.frames_per_chunk
+        restart = self.recipe.restart if self.recipe is not None else None
+        if restart is not None and restart.restarts_at(chunk, frames):
+            # a new rollout: empty cache, the last generated frames committed at RoPE position 0
+            overlap = torch.cat(self.latents, dim=2)[:, :, -restart.overlap_frames:]
+            overlap = overlap.to(device=self.cache.device, dtype=self.cache.dtype)
+            self.cache.clear()
+            self._forward(overlap, self.sampler.context_noise, frame_start - restart.overlap_frames, chunk - 1,
+                          True, timer, rope_start=0)
+            record["restart_overlap_frames"] = [frame_start - restart.overlap_frames, frame_start]
+        switch = next((s for s in self.config.prompt_switches if s.chunk == chunk), None)
+        if switch is not None:
+            prompts = list(switch.prompts) * (self.batch_size if len(switch.prompts) == 1 else 1)
+            self.conditioning = self.adapter.encode_prompts(prompts)
+            record["prompt_switch"] = prompts
+            recache = self.recipe.recache if self.recipe is not None else None
+            if recache is not None:
+                first, count = recache.frames(frame_start)
+                if count > 0:
+                    latent = torch.cat(self.latents, dim=2)[:, :, first:first + count]
+                    latent = latent.to(device=self.cache.device, dtype=self.cache.dtype)
+                    timesteps = torch.full((self.batch_size, count), float(self.sampler.context_noise))
+                    start = time.perf_counter()
+                    replaced = self.adapter.reencode(latent, timesteps, first, self.cache, self.conditioning,
+                                                     rope_start=self._rope_start(chunk, first))
+                    timer[0] += time.perf_counter() - start
+                    record["recached_frames"] = [first, first + count]
+                    record["recached_tokens"] = replaced
+        return record
 
     def _retries_per_sample(self, restarts: dict[str, list[int]]) -> tuple[int, ...]:
         """Restarts of the current chunk per sample (the most any one policy caused)."""

@@ -49,6 +49,11 @@ class Sampler:
             default) or the noise the model ``predicted`` (``eps = x + (1 - sigma) * v``), which makes each
             step the Euler step ``x <- x + (sigma_next - sigma) * v`` of the flow ODE: what an undistilled
             model such as the drift lab needs.
+        table: when not warping, call the model with the raw steps and look each step's sigma up in the
+            shifted 1000-entry training table of Self Forcing's / CausVid's ``FlowMatchScheduler``
+            (``shift * s / (1 + (shift - 1) * s)`` for ``s`` in ``linspace(1, 0, 1001)[:-1]``, nearest
+            timestep), as CausVid's unwarped steps ``1000, 757, 522`` do (757 -> sigma 0.75676). Without
+            it an unwarped step ``t`` has sigma ``t / 1000``.
     """
 
     denoising_steps: tuple[float, ...] = attrs.field(
@@ -58,6 +63,7 @@ class Sampler:
     warp: bool = True
     context_noise: float = attrs.field(default=0.0, converter=float)
     noise: str = attrs.field(default="fresh")
+    table: bool = False
 
     @shift.validator
     def _check_shift(self, attribute: attrs.Attribute, value: float) -> None:
@@ -75,7 +81,9 @@ class Sampler:
             raise ParameterError(f"context_noise must be in [0, 1000), got {value!r}")
 
     def sigmas(self) -> list[float]:
-        """Noise levels in (0, 1] of the denoising steps (model timestep = 1000 * sigma)."""
+        """Noise levels in (0, 1] of the denoising steps (``x = (1 - sigma) * x0 + sigma * noise``)."""
+        if self.table and not self.warp:
+            return [table_sigma(t, self.shift) for t in self.denoising_steps]
         sigmas = []
         for t in self.denoising_steps:
             s = t / 1000.0
@@ -84,6 +92,13 @@ class Sampler:
             sigmas.append(s)
         return sigmas
 
+    def timesteps(self) -> list[float]:
+        """The timesteps in (0, 1000] the model is called with, one per step: ``1000 * sigma``, except
+        with ``table`` (the raw steps, whose sigma comes from the table)."""
+        if self.table and not self.warp:
+            return list(self.denoising_steps)
+        return [1000.0 * s for s in self.sigmas()]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "denoising_steps": list(self.denoising_steps),
@@ -91,8 +106,23 @@ class Sampler:
             "warp": self.warp,
             "context_noise": self.context_noise,
             "noise": self.noise,
+            "table": self.table,
+            "timesteps": self.timesteps(),
             "sigmas": self.sigmas(),
         }
+
+
+def table_sigma(timestep: float, shift: float) -> float:
+    """Sigma of the training-table entry nearest to ``timestep`` (Self Forcing's / CausVid's
+    ``FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True).set_timesteps(1000)``, float32 table,
+    nearest entry looked up in float64 like their ``_convert_flow_pred_to_x0``)."""
+    import torch
+
+    sigmas = torch.linspace(1.0, 0.0, 1001, dtype=torch.float32)[:-1]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    timesteps = (sigmas * 1000).double()
+    index = int(torch.argmin((timesteps - float(timestep)).abs()))
+    return float(sigmas[index])
 
 
 @attrs.frozen
@@ -162,6 +192,8 @@ class ModelAdapter(abc.ABC):
         cache: KVCache,
         conditioning: Any,
         commit: bool,
+        *,
+        rope_start: int | None = None,
     ) -> torch.Tensor:
         """Run the model on one chunk against the resident cache.
 
@@ -174,10 +206,24 @@ class ModelAdapter(abc.ABC):
             conditioning: what :meth:`encode_prompts` returned.
             commit: when True the chunk's K/V become resident (the context pass): the adapter calls
                 :meth:`KVCache.commit` with the chunk's metadata after the forward.
+            rope_start: RoPE frame position of the chunk's first frame (None: ``frame_start``). Recipes
+                that restart positions (CausVid's long-video restarts) set it; the cache records it as
+                ``rope_pos`` while ``frame`` stays absolute.
 
         Returns:
             The model output (flow velocity) ``[B, C, F, H, W]`` in the model's dtype.
         """
+
+    def reencode(self, latent: torch.Tensor, timesteps: torch.Tensor, frame_start: int, cache: KVCache,
+                 conditioning: Any, *, rope_start: int | None = None) -> int:
+        """Recompute the K/V of already generated frames (LongLive's KV re-cache at a prompt switch).
+
+        One forward over the clean frames ``[frame_start, frame_start + F)`` of ``latent`` ``[B, C, F, H, W]``
+        (timesteps ``[B, F]``, usually the context noise), attending to the resident tokens of *other*
+        frames and, bidirectionally, to themselves. Resident tokens of these frames then get the new
+        K/V (their metadata is unchanged); nothing is added to the cache. Returns the tokens replaced.
+        """
+        raise NotImplementedError(f"adapter {self.info.adapter!r} cannot re-encode cached frames")
 
     def token_grid(self, latent: torch.Tensor) -> torch.Tensor:
         """Lay a latent ``[B, C, F, H, W]`` out on the cache's token grid: ``[B, F, N, D]``.

@@ -185,6 +185,7 @@ class WanAdapter(ModelAdapter):
         frames_per_chunk: latent frames per chunk (3 for every Wan-based AR system).
         text_encoder: callable ``prompts -> [B, L, text_dim]`` conditioning, on any device.
         sampler: the model's default denoising recipe.
+        decoder: callable ``latents [B, C, F, H, W] -> pixels [B, F', 3, H', W']`` in [0, 1] (a VAE), or None.
     """
 
     def __init__(
@@ -196,6 +197,7 @@ class WanAdapter(ModelAdapter):
         text_encoder: Any,
         frames_per_chunk: int = 3,
         sampler: Sampler | None = None,
+        decoder: Any = None,
     ) -> None:
         if not isinstance(model, WanTransformer3DModel):
             raise ParameterError(f"WanAdapter wraps a diffusers WanTransformer3DModel, got {type(model).__name__}")
@@ -212,6 +214,7 @@ class WanAdapter(ModelAdapter):
             raise ParameterError("image-conditioned Wan models (added_kv_proj_dim) are not supported yet")
         self.model = model.eval()
         self.text_encoder = text_encoder
+        self.decoder = decoder
         # the compute dtype: modules kept in float32 (RoPE, norms, time embedder) do not count
         param = model.patch_embedding.weight
         self.info = ModelInfo(
@@ -291,7 +294,33 @@ class WanAdapter(ModelAdapter):
         return out[0], out[1]
 
     def forward(self, latent: torch.Tensor, timesteps: torch.Tensor, frame_start: int, chunk: int,
-                cache: KVCache, conditioning: torch.Tensor, commit: bool) -> torch.Tensor:
+                cache: KVCache, conditioning: torch.Tensor, commit: bool, *,
+                rope_start: int | None = None) -> torch.Tensor:
+        rope_start = frame_start if rope_start is None else rope_start
+        num_frames = latent.shape[2]
+        num_tokens = num_frames * self.info.tokens_per_frame
+        cache.reserve(num_tokens)
+        out = self._run(latent, timesteps, rope_start, cache, conditioning, cache.key_mask(num_tokens))
+        if commit:
+            info = self.info
+            cache.commit(metadata_for_chunk(latent.shape[0], frame_start, num_frames, info.token_rows,
+                                            info.token_cols, chunk, rope_start=rope_start, device=cache.device))
+        return out
+
+    def reencode(self, latent: torch.Tensor, timesteps: torch.Tensor, frame_start: int, cache: KVCache,
+                 conditioning: torch.Tensor, *, rope_start: int | None = None) -> int:
+        rope_start = frame_start if rope_start is None else rope_start
+        num_frames = latent.shape[2]
+        num_tokens = num_frames * self.info.tokens_per_frame
+        cache.reserve(num_tokens)
+        self._run(latent, timesteps, rope_start, cache, conditioning,
+                  cache.reencode_mask(num_tokens, frame_start, num_frames))
+        return cache.replace_frames(frame_start, num_frames, self.info.tokens_per_frame)
+
+    def _run(self, latent: torch.Tensor, timesteps: torch.Tensor, rope_start: int, cache: KVCache,
+             conditioning: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """One model call on ``latent`` ``[B, C, F, H, W]`` whose keys/values go to the provisional slot;
+        ``key_mask`` (``[B, 1, 1, S + n]`` or None) says which cached keys each sample sees."""
         info = self.info
         batch, channels, num_frames, height, width = latent.shape
         if (channels, height, width) != (info.latent_channels, info.latent_height, info.latent_width):
@@ -303,15 +332,19 @@ class WanAdapter(ModelAdapter):
             raise CacheShapeError(f"a batch of {batch} samples does not match the cache's batch of {cache.batch_size}")
         if conditioning.shape[0] != batch:
             raise CacheShapeError(f"conditioning for {conditioning.shape[0]} samples, latent has {batch}")
+        if rope_start < 0 or rope_start + num_frames > info.max_frames:
+            raise RolloutConfigError(
+                f"RoPE frame positions {rope_start}..{rope_start + num_frames - 1} are outside the model's "
+                f"table of {info.max_frames} frames"
+            )
         num_tokens = num_frames * info.tokens_per_frame
-        cache.reserve(num_tokens)
         device = latent.device
-        frames = torch.arange(frame_start, frame_start + num_frames, device=self._cos[0].device)
+        frames = torch.arange(rope_start, rope_start + num_frames, device=self._cos[0].device)
         state = self._state
         state.cache = cache
         state.num_tokens = num_tokens
         state.write_index = cache.write_index(num_tokens)
-        state.key_mask = cache.key_mask(num_tokens)
+        state.key_mask = key_mask
         state.rotary = self.rotary(frames)
         if bool((timesteps == timesteps[:, :1]).all()):
             timestep = timesteps[:, 0].to(device=device, dtype=torch.float32)
@@ -319,14 +352,16 @@ class WanAdapter(ModelAdapter):
             timestep = timesteps.repeat_interleave(info.tokens_per_frame, dim=1).to(device=device, dtype=torch.float32)
         try:
             with torch.no_grad():
-                out = self.model(hidden_states=latent, timestep=timestep, encoder_hidden_states=conditioning,
-                                 return_dict=False)[0]
+                return self.model(hidden_states=latent, timestep=timestep, encoder_hidden_states=conditioning,
+                                  return_dict=False)[0]
         finally:
             state.clear()
-        if commit:
-            cache.commit(metadata_for_chunk(batch, frame_start, num_frames, info.token_rows, info.token_cols,
-                                            chunk, device=cache.device))
-        return out
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, F', 3, H', W']`` in [0, 1] through the decoder given at construction (a VAE)."""
+        if self.decoder is None:
+            return super().decode(latent)
+        return self.decoder(latent)
 
     def token_grid(self, latent: torch.Tensor) -> torch.Tensor:
         """``[B, C, F, H, W]`` -> ``[B, F, N, C * p_h * p_w]`` on the cache's token grid (row-major)."""

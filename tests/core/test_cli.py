@@ -37,6 +37,8 @@ def test_run_writes_latents_run_json_and_trace(tmp_path, capsys):
     (["run", "tiny-van", "--chunks", "2"], "unknown model 'tiny-van'. Did you mean 'tiny-wan'"),
     (["run", "tiny-wan", "--chunks", "400"], "passes the model's rope_max_seq_len=1024"),
     (["run", "tiny-wan", "--chunks", "2", "--dtype", "float8"], "dtype 'float8' is not supported"),
+    (["run", "tiny-wan", "--chunks", "2", "--recipe", "causvit"], "unknown recipe 'causvit'. Did you mean 'causvid'"),
+    (["run", "tiny-wan", "--chunks", "4", "--switch", "4:a dog"], "a prompt switch at chunk 4 does not exist"),
 ])
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "run"
@@ -61,3 +63,28 @@ def test_argument_errors_are_argparse_errors(capsys):
         main(["run", "tiny-wan", "--chunks", "0", "--out", "x"])
     assert info.value.code == 2
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_run_with_a_recipe_and_a_prompt_switch(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "tiny-wan", "--recipe", "longlive", "--policy", "tokentrim", "--chunks", "5",
+            "--prompt", "a red fox", "--switch", "4:a blue bird", "--out", str(out)]
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["recipe"]["name"] == "longlive"
+    assert run["policy_spec"].startswith("attention-sink:frames=3+sliding-window:frames=6+tokentrim")
+    assert run["prompt_switches"] == [{"chunk": 4, "prompts": ["a blue bird"]}]
+    trace = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
+    assert trace[4]["recached_frames"] == [0, 12] and trace[4]["prompt_switch"] == ["a blue bird"]
+    assert "recached_frames" not in trace[3]
+
+
+def test_recipes_lists_the_built_in_recipes(capsys):
+    assert main(["recipes", "--json"]) == 0
+    recipes = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(recipes) == {"self-forcing", "causvid", "longlive"}
+    assert recipes["causvid"]["sampler"]["timesteps"] == [1000.0, 757.0, 522.0]
+    assert recipes["longlive"]["recache"] == {"window_frames": 12, "sink_frames": 3}
+    with pytest.raises(SystemExit):
+        main(["run", "tiny-wan", "--chunks", "2", "--switch", "x:y", "--out", "x"])
+    assert "write CHUNK:PROMPT" in capsys.readouterr().err

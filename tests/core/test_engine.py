@@ -135,8 +135,9 @@ class NaNAfter:
     def __getattr__(self, name):
         return getattr(self._adapter, name)
 
-    def forward(self, latent, timesteps, frame_start, chunk, cache, conditioning, commit):
-        out = self._adapter.forward(latent, timesteps, frame_start, chunk, cache, conditioning, commit)
+    def forward(self, latent, timesteps, frame_start, chunk, cache, conditioning, commit, *, rope_start=None):
+        out = self._adapter.forward(latent, timesteps, frame_start, chunk, cache, conditioning, commit,
+                                    rope_start=rope_start)
         return out * float("nan") if chunk >= self.at else out
 
 

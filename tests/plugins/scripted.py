@@ -47,7 +47,7 @@ class ScriptedAdapter(ModelAdapter):
         return None
 
     def forward(self, latent: torch.Tensor, timesteps: torch.Tensor, frame_start: int, chunk: int,
-                cache: KVCache, conditioning: Any, commit: bool) -> torch.Tensor:
+                cache: KVCache, conditioning: Any, commit: bool, *, rope_start: int | None = None) -> torch.Tensor:
         batch = latent.shape[0]
         cache.reserve(self.info.tokens_per_chunk)  # room for the provisional slot, as a real adapter makes
         target = torch.tensor([list(self.script(b, chunk, cache.lengths[b] < self.committed[b]))

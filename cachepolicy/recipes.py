@@ -1,0 +1,221 @@
+"""Inference recipes: what each autoregressive system's loop does around the per-chunk denoising.
+
+The engine runs Self Forcing's per-chunk loop (see :mod:`cachepolicy.engine`). A :class:`Recipe` names a
+system and fixes the rest of its inference, as its repository does it:
+
+* its sampler (steps, shift, warping, context noise);
+* its cache policies (composed with the user's; a user policy of the same name replaces the recipe's);
+* :class:`Recache`: LongLive's KV re-cache when the prompt switches mid-video;
+* :class:`Restart`: CausVid's long-video restarts, where each new rollout starts from the last frames of
+  the previous one at RoPE position 0.
+
+Built-in recipes (``cachepolicy recipes`` lists them; semantics and sources in docs "Recipes"):
+
+``self-forcing``
+    Self Forcing (arXiv 2506.08009), ``configs/self_forcing_dmd.yaml`` at commit 33593df: 3 frames per
+    chunk, steps 1000/750/500/250 warped with shift 5, context noise 0, global attention (its cache holds
+    21 frames, the trained length; compose a window to go further).
+``causvid``
+    CausVid (arXiv 2412.07772), ``configs/wan_causal_dmd.yaml`` and
+    ``minimal_inference/longvideo_autoregressive_inference.py`` at ca21150: unwarped steps 1000/757/522
+    with sigmas from the shift-8 training table, no eviction, rollouts of 21 frames restarted with an
+    overlap of 3 frames.
+``longlive``
+    LongLive (arXiv 2509.22622), ``configs/longlive_inference.yaml`` and
+    ``pipeline/interactive_causal_inference.py`` at 7add41d: Self Forcing's sampler, a 12-frame attention
+    window holding a 3-frame sink (``attention-sink:frames=3`` + ``sliding-window:frames=6``), and a KV
+    re-cache of the recent frames under the new prompt at each prompt switch.
+
+Rolling Forcing's joint window is a different loop and is not a recipe here yet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from cachepolicy.errors import ParameterError, RolloutConfigError, UnknownNameError
+from cachepolicy.models import Sampler
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ParameterError(f"{type(instance).__name__}.{attribute.name} must be a positive integer, got {value!r}")
+
+
+@attrs.frozen
+class Recache:
+    """LongLive's KV re-cache at a prompt switch (``_recache_after_switch``, ``global_sink=True``).
+
+    At the first chunk after a switch, starting at latent frame ``s``, the frames that LongLive's physical
+    cache will keep attending to are run once more, clean, at the context noise, under the *new* prompt,
+    bidirectionally among themselves: frames ``[0, s)`` when ``s <= window_frames`` (the sink included),
+    else the ``window_frames - sink_frames`` frames before ``s``, which also see the sink's old K/V (kept:
+    it was encoded under the first prompt). Resident tokens of those frames get the new K/V; frames no
+    longer resident are recomputed only as context of the others.
+
+    Attributes:
+        window_frames: LongLive's ``local_attn_size`` (latent frames, sink and own chunk included).
+        sink_frames: LongLive's ``sink_size`` (latent frames).
+    """
+
+    window_frames: int = attrs.field(default=12, validator=_positive)
+    sink_frames: int = attrs.field(default=3)
+
+    @sink_frames.validator
+    def _check_sink(self, attribute: attrs.Attribute, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.window_frames:
+            raise ParameterError(
+                f"Recache.sink_frames must be an integer in [0, window_frames={self.window_frames}), got {value!r}"
+            )
+
+    def frames(self, frame_start: int) -> tuple[int, int]:
+        """``(first frame, number of frames)`` re-encoded before the chunk that starts at ``frame_start``."""
+        if frame_start <= self.window_frames:
+            return 0, frame_start
+        count = self.window_frames - self.sink_frames
+        return frame_start - count, count
+
+
+@attrs.frozen
+class Restart:
+    """CausVid's long-video restarts (``longvideo_autoregressive_inference.py``).
+
+    The first rollout generates ``rollout_frames`` latent frames at RoPE positions ``0 ..``. Each later
+    rollout clears the cache, commits the last ``overlap_frames`` generated frames once (clean, context
+    noise) at positions ``0 .. overlap_frames - 1``, and generates ``rollout_frames - overlap_frames`` new
+    frames after them, so RoPE positions never pass ``rollout_frames - 1``. The overlap frames are not
+    generated again (the output has no duplicates). CausVid re-encodes the first overlap frame from
+    decoded pixels with its VAE; here the latent is reused as it is (no VAE round trip).
+
+    Attributes:
+        rollout_frames: latent frames per rollout (a multiple of the chunk length).
+        overlap_frames: latent frames carried into the next rollout (one chunk).
+    """
+
+    rollout_frames: int = attrs.field(default=21, validator=_positive)
+    overlap_frames: int = attrs.field(default=3, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.overlap_frames >= self.rollout_frames:
+            raise ParameterError(
+                f"Restart.overlap_frames={self.overlap_frames} must be smaller than "
+                f"rollout_frames={self.rollout_frames}"
+            )
+
+    def check(self, frames_per_chunk: int) -> None:
+        """Raise :class:`RolloutConfigError` unless rollouts are whole chunks and the overlap is one chunk."""
+        if self.rollout_frames % frames_per_chunk or self.overlap_frames != frames_per_chunk:
+            raise RolloutConfigError(
+                f"restarts need rollout_frames (got {self.rollout_frames}) to be a multiple of the model's "
+                f"{frames_per_chunk} frames per chunk and overlap_frames (got {self.overlap_frames}) to be "
+                f"exactly one chunk ({frames_per_chunk} frames)"
+            )
+
+    def origin(self, chunk: int, frames_per_chunk: int) -> int:
+        """Absolute latent frame at RoPE position 0 for ``chunk``."""
+        first = self.rollout_frames // frames_per_chunk
+        if chunk < first:
+            return 0
+        per_rollout = (self.rollout_frames - self.overlap_frames) // frames_per_chunk
+        start_chunk = first + (chunk - first) // per_rollout * per_rollout
+        return start_chunk * frames_per_chunk - self.overlap_frames
+
+    def restarts_at(self, chunk: int, frames_per_chunk: int) -> bool:
+        """True when ``chunk`` is the first new chunk of a later rollout."""
+        first = self.rollout_frames // frames_per_chunk
+        per_rollout = (self.rollout_frames - self.overlap_frames) // frames_per_chunk
+        return chunk >= first and (chunk - first) % per_rollout == 0
+
+
+@attrs.frozen
+class Recipe:
+    """A system's inference loop around the engine.
+
+    Attributes:
+        name: the name used with ``--recipe``.
+        summary: one line for listings.
+        source: where the defaults were read (repository, commit, files).
+        sampler: the system's sampler; None keeps the model's own.
+        policies: policy specs the system always uses (composed with the user's; a user policy of the
+            same name replaces the recipe's).
+        recache: re-cache at prompt switches (LongLive), or None (the prompt just changes).
+        restart: long-video restarts (CausVid), or None.
+    """
+
+    name: str
+    summary: str
+    source: str = ""
+    sampler: Sampler | None = None
+    policies: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    recache: Recache | None = None
+    restart: Restart | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.recache is not None and self.restart is not None:
+            raise ParameterError(f"recipe {self.name!r}: a recipe cannot both re-cache and restart")
+
+    def max_rope_frames(self, num_frames: int) -> int:
+        """The largest RoPE frame position + 1 that a rollout of ``num_frames`` latent frames uses."""
+        if self.restart is None:
+            return num_frames
+        return min(num_frames, self.restart.rollout_frames)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "sampler": None if self.sampler is None else self.sampler.to_json(),
+            "policies": list(self.policies),
+            "recache": None if self.recache is None else attrs.asdict(self.recache),
+            "restart": None if self.restart is None else attrs.asdict(self.restart),
+        }
+
+
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe(
+            name="self-forcing",
+            summary="Self Forcing: 4 steps warped with shift 5, context noise 0, global attention",
+            source="guandeh17/Self-Forcing@33593df configs/self_forcing_dmd.yaml, pipeline/causal_inference.py",
+            sampler=Sampler(denoising_steps=(1000, 750, 500, 250), shift=5.0, warp=True, context_noise=0.0),
+        ),
+        Recipe(
+            name="causvid",
+            summary="CausVid: steps 1000/757/522 (shift-8 table), rollouts of 21 frames restarted with a 3-frame overlap",
+            source="tianweiy/CausVid@ca21150 configs/wan_causal_dmd.yaml, "
+                   "minimal_inference/longvideo_autoregressive_inference.py",
+            sampler=Sampler(denoising_steps=(1000, 757, 522), shift=8.0, warp=False, table=True, context_noise=0.0),
+            restart=Restart(rollout_frames=21, overlap_frames=3),
+        ),
+        Recipe(
+            name="longlive",
+            summary="LongLive: Self Forcing's sampler, 3-frame sink in a 12-frame window, KV re-cache at prompt switches",
+            source="NVlabs/LongLive@7add41d configs/longlive_inference.yaml, pipeline/interactive_causal_inference.py",
+            sampler=Sampler(denoising_steps=(1000, 750, 500, 250), shift=5.0, warp=True, context_noise=0.0),
+            policies=("attention-sink:frames=3", "sliding-window:frames=6"),
+            recache=Recache(window_frames=12, sink_frames=3),
+        ),
+    )
+}
+
+
+def get_recipe(name: str | Recipe) -> Recipe:
+    """The built-in recipe ``name`` (a :class:`Recipe` is returned as it is); unknown names suggest the
+    closest ones."""
+    if isinstance(name, Recipe):
+        return name
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise UnknownNameError("recipe", name, RECIPES) from None
+
+
+def merge_policy_specs(recipe: Recipe | None, specs: list[str]) -> list[str]:
+    """The recipe's policies followed by the user's; a user policy of the same name replaces the recipe's."""
+    if recipe is None:
+        return list(specs)
+    user_names = {term.split(":", 1)[0].strip() for spec in specs for term in spec.split("+")}
+    return [spec for spec in recipe.policies if spec.split(":", 1)[0] not in user_names] + list(specs)

@@ -1,0 +1,274 @@
+"""Recipes against plain reimplementations of each system's inference loop.
+
+The reference below is written from the systems' documented semantics (docs "Recipes", brief section 3),
+not from this project's engine or cache: a fixed-size physical K/V buffer per layer with Self Forcing's /
+LongLive's index arithmetic (``global_end_index``, ``local_end_index``, sink slots, roll on overflow,
+LongLive's re-cache write that skips the sink slots), CausVid's unbounded buffer written at
+``[current_start, current_end)`` and read up to ``current_end``, stock diffusers modules for everything
+else, and one ``scaled_dot_product_attention`` over the keys the original would concatenate. Only the
+noise draws are shared with the engine (they are inputs, not semantics).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cachepolicy.adapters.wan.tiny import load_tiny_wan
+from cachepolicy.api import build_policies
+from cachepolicy.engine import PromptSwitch, RolloutConfig, Session, noise_seed
+from cachepolicy.errors import RolloutConfigError
+from cachepolicy.models import table_sigma
+from cachepolicy.recipes import get_recipe, merge_policy_specs
+
+TOL = 1e-5
+
+
+class OriginalCache:
+    """One layer's K/V buffer ``[B, capacity, H, D]`` and the two indices of Self Forcing / LongLive."""
+
+    def __init__(self, batch, capacity, heads, dim):
+        self.k = torch.zeros(batch, capacity, heads, dim)
+        self.v = torch.zeros(batch, capacity, heads, dim)
+        self.global_end = 0
+        self.local_end = 0
+
+
+class OriginalAttention:
+    """Self-attention of a stock Wan block with the original systems' cache arithmetic (tokens)."""
+
+    def __init__(self, layer, run):
+        self.layer, self.run = layer, run
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        run = self.run
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        cos, sin = rotary_emb  # absolute positions of this call's frames, [1, L, 1, D]
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        cache = run.caches[self.layer]
+        num_new = k.shape[1]
+        current_start = run.current_start
+        current_end = current_start + num_new
+        if run.system == "causvid":  # no indices, no eviction
+            cache.k[:, current_start:current_end] = k
+            cache.v[:, current_start:current_end] = v
+            keys, values = cache.k[:, :current_end], cache.v[:, :current_end]
+        else:  # Self Forcing causal_model.py / LongLive causal_model.py
+            size, sink = run.cache_tokens, run.sink_tokens
+            recompute = current_end <= cache.global_end and current_start > 0
+            if run.window_tokens != -1 and current_end > cache.global_end and num_new + cache.local_end > size:
+                evicted = num_new + cache.local_end - size
+                rolled = cache.local_end - evicted - sink
+                cache.k[:, sink:sink + rolled] = cache.k[:, sink + evicted:sink + evicted + rolled].clone()
+                cache.v[:, sink:sink + rolled] = cache.v[:, sink + evicted:sink + evicted + rolled].clone()
+                local_end = cache.local_end + current_end - cache.global_end - evicted
+            else:
+                local_end = cache.local_end + current_end - cache.global_end
+            local_start = local_end - num_new
+            write_start = max(local_start, sink) if recompute else local_start
+            cache.k[:, write_start:local_end] = k[:, write_start - local_start:]
+            cache.v[:, write_start:local_end] = v[:, write_start - local_start:]
+            if sink > 0:
+                budget = run.window_tokens - sink
+                start = max(sink, local_end - budget)
+                keys = torch.cat([cache.k[:, :sink], cache.k[:, start:local_end]], dim=1)
+                values = torch.cat([cache.v[:, :sink], cache.v[:, start:local_end]], dim=1)
+            else:
+                start = 0 if run.window_tokens == -1 else max(0, local_end - run.window_tokens)
+                keys, values = cache.k[:, start:local_end], cache.v[:, start:local_end]
+            if not recompute:
+                cache.global_end = current_end
+            cache.local_end = local_end
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
+        out = out.transpose(1, 2).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def rotate(x, cos, sin):
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos[..., 0::2] - x2 * sin[..., 1::2]
+    out[..., 1::2] = x1 * sin[..., 1::2] + x2 * cos[..., 0::2]
+    return out
+
+
+class OriginalRun:
+    """A stock diffusers model driven like the original repositories drive theirs."""
+
+    def __init__(self, model, system, batch, *, window_frames=-1, sink_frames=0, tokens_per_frame, total_frames,
+                 latent_hw=(8, 8)):
+        self.model, self.system = model, system
+        self.tokens_per_frame = tokens_per_frame
+        self.window_tokens = window_frames * tokens_per_frame if window_frames != -1 else -1
+        self.sink_tokens = sink_frames * tokens_per_frame
+        capacity_frames = total_frames if window_frames == -1 else window_frames
+        self.cache_tokens = capacity_frames * tokens_per_frame
+        heads, dim = model.config.num_attention_heads, model.config.attention_head_dim
+        self.caches = [OriginalCache(batch, self.cache_tokens, heads, dim) for _ in model.blocks]
+        for layer, block in enumerate(model.blocks):
+            block.attn1.set_processor(OriginalAttention(layer, self))
+        # absolute RoPE tables of every frame, from diffusers' own rotary module on the full length; each
+        # call then gets the slice of its frames (causal_rope_apply's start_frame)
+        full = torch.zeros(1, model.config.in_channels, total_frames, *latent_hw)
+        self.full_cos, self.full_sin = model.rope(full)
+        self.rope = None
+        model.rope.forward = lambda hidden_states: self.rope
+
+    def forward(self, latent, timestep, frame_start, cond, rope_frame=None):
+        """Model call on frames of ``latent`` [B, C, F, H, W] written at token ``frame_start * tpf``."""
+        rope_frame = frame_start if rope_frame is None else rope_frame
+        tpf, frames = self.tokens_per_frame, latent.shape[2]
+        self.rope = (self.full_cos[:, rope_frame * tpf:(rope_frame + frames) * tpf],
+                     self.full_sin[:, rope_frame * tpf:(rope_frame + frames) * tpf])
+        self.current_start = frame_start * tpf
+        t = torch.full((latent.shape[0],), float(timestep))
+        with torch.no_grad():
+            return self.model(hidden_states=latent, timestep=t, encoder_hidden_states=cond, return_dict=False)[0]
+
+
+def chunk_noise(seeds, chunk, use, shape):
+    draws = [torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(s, chunk, use))) for s in seeds]
+    return torch.stack(draws)
+
+
+def denoise_chunk(run, chunk, frame_start, cond, seeds, timesteps, sigmas, shape, rope_frame=None):
+    """Self Forcing's per-block loop: denoise, x0 in float64, fresh re-noising, then the clean context pass."""
+    x = chunk_noise(seeds, chunk, 0, shape)
+    for i, (t, sigma) in enumerate(zip(timesteps, sigmas)):
+        v = run.forward(x, t, frame_start, cond, rope_frame)
+        x0 = (x.double() - sigma * v.double()).float()
+        if i + 1 < len(sigmas):
+            nxt = sigmas[i + 1]
+            x = (1 - nxt) * x0 + nxt * chunk_noise(seeds, chunk, i + 1, shape)
+    run.forward(x0, 0.0, frame_start, cond, rope_frame)
+    return x0
+
+
+def make_adapter():
+    return load_tiny_wan(seed=3)
+
+
+def engine_latents(adapter, recipe, num_chunks, prompts, seeds, user_policies=(), switches=()):
+    specs = merge_policy_specs(recipe, list(user_policies))
+    policies = build_policies(*specs) if specs else []
+    config = RolloutConfig(num_chunks=num_chunks, prompts=prompts, seeds=seeds, recipe=recipe,
+                           prompt_switches=switches)
+    session = Session(adapter, policies, config)
+    return session.run(), session
+
+
+def _setup(num_chunks, system, **cache):
+    adapter = make_adapter()
+    reference = make_adapter().detach()
+    info = adapter.info
+    shape = (info.latent_channels, info.frames_per_chunk, info.latent_height, info.latent_width)
+    run = OriginalRun(reference, system, 2, tokens_per_frame=info.tokens_per_frame,
+                      total_frames=num_chunks * info.frames_per_chunk, **cache)
+    return adapter, run, shape
+
+
+PROMPTS = ("a red fox runs", "a blue bird flies")
+SEEDS = (11, 12)
+
+
+def test_self_forcing_recipe_equals_the_original_loop_global_and_windowed():
+    recipe = get_recipe("self-forcing")
+    sampler = recipe.sampler
+    for window, sink, policies in ((-1, 0, ()), (9, 3, ("attention-sink:frames=3+sliding-window:frames=3",))):
+        num_chunks = 6
+        adapter, run, shape = _setup(num_chunks, "self-forcing", window_frames=window, sink_frames=sink)
+        cond = adapter.encode_prompts(list(PROMPTS))
+        frames = adapter.info.frames_per_chunk
+        expected = [denoise_chunk(run, c, c * frames, cond, SEEDS, sampler.timesteps(), sampler.sigmas(), shape)
+                    for c in range(num_chunks)]
+        result, _ = engine_latents(adapter, recipe, num_chunks, PROMPTS, SEEDS, policies)
+        diff = (result.latents - torch.cat(expected, dim=2)).abs().max().item()
+        assert diff <= TOL, (window, sink, diff)
+
+
+def test_longlive_recipe_equals_the_original_loop_with_prompt_switches():
+    """Switches at chunk 2 (frame 6 <= 12: every frame re-encoded, the sink too) and chunk 6 (frame 18:
+    the 9 frames before it re-encoded, the sink's old K/V kept), LongLive's ``global_sink=True``."""
+    recipe = get_recipe("longlive")
+    sampler = recipe.sampler
+    num_chunks = 9
+    adapter, run, shape = _setup(num_chunks, "longlive", window_frames=12, sink_frames=3)
+    frames = adapter.info.frames_per_chunk
+    switches = {2: ("a green frog jumps", "a white cat sleeps"), 6: ("snow falls on a city",)}
+    cond = adapter.encode_prompts(list(PROMPTS))
+    output = []
+    for c in range(num_chunks):
+        start = c * frames
+        if c in switches:  # _recache_after_switch: last min(A, s) frames, clean, new prompt, one pass
+            prompts = list(switches[c]) * (2 if len(switches[c]) == 1 else 1)
+            cond = adapter.encode_prompts(prompts)
+            count = min(12, start)
+            previous = torch.cat(output, dim=2)[:, :, start - count:start]
+            run.forward(previous, 0.0, start - count, cond)
+        output.append(denoise_chunk(run, c, start, cond, SEEDS, sampler.timesteps(), sampler.sigmas(), shape))
+    result, session = engine_latents(adapter, recipe, num_chunks, PROMPTS, SEEDS,
+                                     switches=[PromptSwitch(c, p) for c, p in switches.items()])
+    diff = (result.latents - torch.cat(output, dim=2)).abs().max().item()
+    assert diff <= TOL, diff
+    recached = {r["chunk"]: r.get("recached_frames") for r in result.trace}
+    assert recached[2] == [0, 6] and recached[6] == [9, 18] and recached[5] is None
+    # the switch matters: without the re-cache the result differs
+    plain, _ = engine_latents(make_adapter(), None, num_chunks, PROMPTS, SEEDS,
+                              user_policies=("attention-sink:frames=3+sliding-window:frames=6",),
+                              switches=[PromptSwitch(c, p) for c, p in switches.items()])
+    assert (plain.latents[:, :, 6:] - result.latents[:, :, 6:]).abs().max().item() > 1e-3
+
+
+def test_causvid_recipe_equals_the_original_long_video_loop():
+    """Rollouts of 21 frames (7 chunks); each later rollout starts from the last 3 frames at position 0
+    and adds 6 chunks: 14 chunks = rollout 0 (chunks 0-6), 1 (7-12), 2 (13)."""
+    recipe = get_recipe("causvid")
+    sampler = recipe.sampler
+    assert sampler.timesteps() == [1000.0, 757.0, 522.0]
+    num_chunks = 14
+    adapter, run, shape = _setup(num_chunks, "causvid")
+    frames = adapter.info.frames_per_chunk
+    cond = adapter.encode_prompts(list(PROMPTS))
+    output = []
+    chunk = 0
+    block = 0  # block index inside the current rollout
+    while chunk < num_chunks:
+        if chunk in (7, 13):  # new rollout: start latents = last 3 frames, block 0 at timestep 0
+            start_latents = torch.cat(output, dim=2)[:, :, -3:]
+            run.forward(start_latents, 0.0, 0, cond)
+            block = 1
+        output.append(denoise_chunk(run, chunk, block * frames, cond, SEEDS, sampler.timesteps(),
+                                    sampler.sigmas(), shape))
+        chunk += 1
+        block += 1
+    result, _ = engine_latents(adapter, recipe, num_chunks, PROMPTS, SEEDS)
+    diff = (result.latents - torch.cat(output, dim=2)).abs().max().item()
+    assert diff <= TOL, diff
+    restarts = {r["chunk"]: r.get("restart_overlap_frames") for r in result.trace}
+    assert restarts[7] == [18, 21] and restarts[13] == [36, 39] and restarts[8] is None
+
+
+def test_causvid_sigmas_come_from_the_shift_8_table():
+    # FlowMatchScheduler(shift=8, sigma_min=0, extra_one_step=True): nearest table entries, by hand
+    s = torch.linspace(1.0, 0.0, 1001)[:-1]
+    table = 8 * s / (1 + 7 * s)
+    assert table_sigma(757, 8.0) == pytest.approx(float(table[torch.argmin((table * 1000 - 757).abs())]))
+    assert table_sigma(757, 8.0) == pytest.approx(0.756757, abs=1e-6)
+    assert table_sigma(522, 8.0) == pytest.approx(0.521739, abs=1e-6)
+    assert table_sigma(1000, 8.0) == 1.0
+
+
+def test_prompt_switch_at_a_chunk_that_does_not_exist_is_refused():
+    with pytest.raises(RolloutConfigError, match="switch at chunk 5 does not exist.*chunks 0..4.*1..4"):
+        RolloutConfig(num_chunks=5, prompts=["a"], seeds=[0], prompt_switches=[PromptSwitch(5, "b")])
+    with pytest.raises(RolloutConfigError, match="chunk index >= 1"):
+        PromptSwitch(0, "b")
+    with pytest.raises(RolloutConfigError, match="strictly increasing"):
+        RolloutConfig(num_chunks=5, prompts=["a"], seeds=[0],
+                      prompt_switches=[PromptSwitch(3, "b"), PromptSwitch(2, "c")])
+    with pytest.raises(RolloutConfigError, match="3 prompts for 2 samples"):
+        RolloutConfig(num_chunks=5, prompts=["a", "b"], seeds=[0, 1],
+                      prompt_switches=[PromptSwitch(3, ["x", "y", "z"])])

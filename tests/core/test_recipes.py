@@ -1,0 +1,51 @@
+"""Recipe arithmetic by hand: CausVid's restart positions, LongLive's re-cache ranges, validation, merging."""
+
+from __future__ import annotations
+
+import pytest
+
+from cachepolicy.errors import ParameterError, RolloutConfigError, UnknownNameError
+from cachepolicy.recipes import Recache, Recipe, Restart, get_recipe, merge_policy_specs
+
+
+def test_causvid_restart_positions_by_hand():
+    restart = Restart(rollout_frames=21, overlap_frames=3)
+    # rollout 0: chunks 0..6 at positions 0..20; rollout 1: overlap frames 18..20 at 0..2, chunks 7..12;
+    # rollout 2: overlap 36..38, chunks 13..18
+    assert [restart.origin(c, 3) for c in (0, 6, 7, 12, 13, 18, 19)] == [0, 0, 18, 18, 36, 36, 54]
+    assert [c for c in range(20) if restart.restarts_at(c, 3)] == [7, 13, 19]
+    positions = [3 * c - restart.origin(c, 3) for c in range(20)]
+    assert max(positions) + 2 == 20 and positions[7] == 3 and positions[12] == 18
+
+
+def test_restart_needs_whole_chunks_and_a_one_chunk_overlap():
+    with pytest.raises(ParameterError, match="overlap_frames=21 must be smaller"):
+        Restart(rollout_frames=21, overlap_frames=21)
+    with pytest.raises(RolloutConfigError, match="multiple of the model's 3 frames.*exactly one chunk"):
+        Restart(rollout_frames=20, overlap_frames=3).check(3)
+    with pytest.raises(RolloutConfigError, match="overlap_frames \\(got 6\\)"):
+        Restart(rollout_frames=21, overlap_frames=6).check(3)
+
+
+def test_longlive_recache_ranges_by_hand():
+    recache = Recache(window_frames=12, sink_frames=3)
+    assert recache.frames(6) == (0, 6)  # s <= 12: everything, the sink too
+    assert recache.frames(12) == (0, 12)
+    assert recache.frames(15) == (6, 9)  # the 9 frames before s; the sink keeps its old K/V
+    assert recache.frames(42) == (33, 9)  # LongLive's switch at frame 40 lands on chunk 14 (frame 42)
+    with pytest.raises(ParameterError, match="sink_frames must be an integer in \\[0, window_frames=12\\), got 12"):
+        Recache(window_frames=12, sink_frames=12)
+
+
+def test_recipe_names_and_policy_merging():
+    with pytest.raises(UnknownNameError, match="unknown recipe 'longlife'.*Did you mean 'longlive'"):
+        get_recipe("longlife")
+    longlive = get_recipe("longlive")
+    assert merge_policy_specs(longlive, ["tokentrim"]) == [
+        "attention-sink:frames=3", "sliding-window:frames=6", "tokentrim"]
+    assert merge_policy_specs(longlive, ["sliding-window:frames=9+tokentrim"]) == [
+        "attention-sink:frames=3", "sliding-window:frames=9+tokentrim"]
+    assert merge_policy_specs(None, ["full"]) == ["full"]
+    with pytest.raises(ParameterError, match="cannot both re-cache and restart"):
+        Recipe(name="x", summary="", recache=Recache(), restart=Restart())
+    assert get_recipe("causvid").max_rope_frames(300) == 21 and get_recipe("longlive").max_rope_frames(300) == 300
