@@ -74,3 +74,8 @@ class CheckpointError(CachePolicyError, ValueError):
 
 class CompareConfigError(CachePolicyError, ValueError):
     """A ``compare`` configuration is invalid, or its output folder holds another configuration."""
+
+
+class MissingDependencyError(CachePolicyError, ImportError):
+    """An optional dependency that a requested feature needs is not installed (the message says what to
+    ``pip install``)."""

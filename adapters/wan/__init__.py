@@ -49,6 +49,13 @@ MODELS = [
         summary="CausVid training checkpoint (checkpoint=FILE or its folder with model.pt; ema=false by default)",
     ),
     ModelEntry(
+        name="longlive",
+        adapter="wan",
+        loader="cachepolicy.adapters.wan.checkpoints:load_longlive",
+        summary="LongLive 1.0 base checkpoint with its LoRA merged (checkpoint=longlive_base.pt, lora=lora.pt; "
+                "ema=false by default)",
+    ),
+    ModelEntry(
         name="wan-checkpoint",
         adapter="wan",
         loader="cachepolicy.adapters.wan.checkpoints:load_wan_checkpoint",

@@ -239,8 +239,8 @@ def original_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[
 
 
 # --------------------------------------------------------------------------------------------- config
-def _constructor_arguments() -> set[str]:
-    return {name for name in inspect.signature(WanTransformer3DModel.__init__).parameters if name != "self"}
+def _constructor_arguments(model_class: type = WanTransformer3DModel) -> set[str]:
+    return {name for name in inspect.signature(model_class.__init__).parameters if name != "self"}
 
 
 def normalise_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
@@ -407,8 +407,10 @@ def _format_list(title: str, items: list[str]) -> str:
 
 def build_strict(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *, source: str,
                  dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-                 origin: Mapping[str, str] | None = None) -> WanTransformer3DModel:
-    """A fresh ``WanTransformer3DModel(**config)`` holding exactly ``state_dict`` (diffusers names).
+                 origin: Mapping[str, str] | None = None,
+                 model_class: type = WanTransformer3DModel) -> WanTransformer3DModel:
+    """A fresh ``model_class(**config)`` (default ``WanTransformer3DModel``) holding exactly ``state_dict``
+    (diffusers names).
 
     The key set and every shape are checked against the config's model *before* anything is assigned:
     missing, unexpected and mis-shaped keys raise one :class:`CheckpointError` that lists the first
@@ -419,7 +421,7 @@ def build_strict(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tenso
     target = parse_dtype(dtype)
     arguments = {k: v for k, v in config.items() if not k.startswith("_")}
     with _parameters_on_meta():
-        model = WanTransformer3DModel(**arguments)
+        model = model_class(**arguments)
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
     origin = origin or {}
 
@@ -437,7 +439,7 @@ def build_strict(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tenso
     if missing or unexpected or mis_shaped or not_float:
         del model
         summary = ", ".join(f"{k}={v}" for k, v in sorted(arguments.items()))
-        parts = [f"{source} does not match WanTransformer3DModel({summary}); nothing was loaded:"]
+        parts = [f"{source} does not match {model_class.__name__}({summary}); nothing was loaded:"]
         if mis_shaped:
             parts.append(_format_list("mis-shaped keys", mis_shaped))
         if missing:
@@ -464,7 +466,8 @@ def build_strict(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tenso
 def load_training_checkpoint(path: str | Path, *, ema: bool = True,
                              config: Mapping[str, Any] | str | Path | None = None,
                              dtype: str | torch.dtype = "float32",
-                             device: str | torch.device = "cpu") -> WanTransformer3DModel:
+                             device: str | torch.device = "cpu", lora: Any = None,
+                             lora_alpha: float | None = None) -> WanTransformer3DModel:
     """Load a Self Forcing / Rolling Forcing / CausVid checkpoint into a stock ``WanTransformer3DModel``.
 
     Args:
@@ -474,11 +477,18 @@ def load_training_checkpoint(path: str | Path, *, ema: bool = True,
             rest, heads default to ``dim / 128``.
         dtype: compute dtype; norms, modulation tables, time embedder stay float32.
         device: where the model goes.
+        lora: a :class:`~cachepolicy.adapters.wan.lora.LoraWeights` merged into the original-layout weights
+            before conversion (LongLive), with ``lora_alpha`` (default: its rank, a scale of 1).
     """
     which, raw = read_generator_state_dict(path, ema=ema)
     source = f"checkpoint {path} ['{which}']" if not which.startswith("(") else f"checkpoint {path}"
     stripped = strip_prefixes(raw)
     del raw
+    if lora is not None:
+        from cachepolicy.adapters.wan.lora import merge_lora
+
+        stripped = merge_lora(stripped, lora, alpha=lora_alpha, source=source)
+        source = f"{source} + LoRA {lora.path}"
     if is_diffusers_layout(stripped):
         converted, origin = stripped, {}
     else:
@@ -515,8 +525,9 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def load_diffusers_folder(path: str | Path, *, dtype: str | torch.dtype = "float32",
-                          device: str | torch.device = "cpu") -> WanTransformer3DModel:
-    """Strictly load a ``WanTransformer3DModel`` saved in diffusers format.
+                          device: str | torch.device = "cpu",
+                          model_class: type = WanTransformer3DModel) -> WanTransformer3DModel:
+    """Strictly load a ``model_class`` (default ``WanTransformer3DModel``) saved in diffusers format.
 
     ``path`` is the model folder (``config.json`` + weights) or a pipeline folder with ``transformer/``.
     Unlike ``from_pretrained`` (which only warns about unexpected keys), any missing, unexpected or
@@ -531,10 +542,11 @@ def load_diffusers_folder(path: str | Path, *, dtype: str | torch.dtype = "float
         raw_config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{folder / 'config.json'}: cannot read it: {exc}") from exc
-    class_name = raw_config.get("_class_name", "WanTransformer3DModel")
-    if class_name != "WanTransformer3DModel":
-        raise CheckpointError(f"{folder} holds a {class_name}, not a WanTransformer3DModel")
-    allowed = _constructor_arguments()
+    expected_class = model_class.__name__
+    class_name = raw_config.get("_class_name", expected_class)
+    if class_name != expected_class:
+        raise CheckpointError(f"{folder} holds a {class_name}, not a {expected_class}")
+    allowed = _constructor_arguments(model_class)
     ignored = sorted(k for k in raw_config if not k.startswith("_") and k not in allowed)
     if ignored:
         logger.warning("%s/config.json: ignoring keys this diffusers version does not know: %s", folder, ignored)
@@ -547,7 +559,8 @@ def load_diffusers_folder(path: str | Path, *, dtype: str | torch.dtype = "float
         if not _is_state_dict(part):
             raise CheckpointError(f"{file} is not a state dict of tensors")
         state_dict.update(part)
-    return build_strict(config, state_dict, source=f"diffusers folder {folder}", dtype=dtype, device=device)
+    return build_strict(config, state_dict, source=f"diffusers folder {folder}", dtype=dtype, device=device,
+                        model_class=model_class)
 
 
 # ------------------------------------------------------------------------------------ model loaders
@@ -588,13 +601,36 @@ def default_text_encoder(text_dim: int, model: str) -> Any:
 
 
 _LOADER_OPTIONS = ("checkpoint", "ema", "device", "dtype", "latent_size", "frames_per_chunk", "config",
-                   "text_encoder", "sampler")
+                   "text_encoder", "vae", "sampler")
+_LORA_OPTIONS = ("lora", "lora_alpha", "lora_rank")
+
+
+def _adapter(transformer: WanTransformer3DModel, *, model: str, device: str, dtype: str, latent_size: Any,
+             frames_per_chunk: int, text_encoder: Any, vae: Any, sampler: Sampler | None) -> WanAdapter:
+    """The :class:`WanAdapter` around a loaded transformer, with its text encoder and decoder resolved."""
+    from cachepolicy.adapters.wan.components import resolve_components
+
+    encoder, decoder = resolve_components(transformer, model=model, text_encoder=text_encoder, vae=vae,
+                                          device=device, dtype=dtype)
+    return WanAdapter(transformer, name=model, latent_size=parse_latent_size(latent_size), text_encoder=encoder,
+                      frames_per_chunk=int(frames_per_chunk), sampler=sampler, decoder=decoder)
+
+
+def _check_options(model: str, unknown: Mapping[str, Any], allowed: tuple[str, ...], checkpoint: Any,
+                   example: str) -> None:
+    if unknown:
+        raise ParameterError(f"unknown option(s) {sorted(unknown)} for model {model!r}; "
+                             f"allowed: {', '.join(allowed)}")
+    if checkpoint is None:
+        raise ParameterError(f"model {model!r} needs checkpoint=PATH (the training checkpoint file, e.g. "
+                             f"--model-option checkpoint={example})")
 
 
 def load_wan_checkpoint(checkpoint: str | Path | None = None, *, model: str = "wan-checkpoint", ema: Any = True,
                         device: str = "cpu", dtype: str = "float32", latent_size: Any = (60, 104),
                         frames_per_chunk: int = 3, config: Mapping[str, Any] | str | Path | None = None,
-                        text_encoder: Any = None, sampler: Sampler | None = None, **unknown: Any) -> WanAdapter:
+                        text_encoder: Any = None, vae: Any = None, sampler: Sampler | None = None,
+                        **unknown: Any) -> WanAdapter:
     """A :class:`WanAdapter` around a training checkpoint (the loader behind ``self-forcing`` & co).
 
     Args:
@@ -605,20 +641,74 @@ def load_wan_checkpoint(checkpoint: str | Path | None = None, *, model: str = "w
         latent_size: ``(H, W)`` latent pixels per frame, or ``"HxW"`` (Wan2.1 at 480x832: 60x104).
         frames_per_chunk: latent frames per chunk (3 in every Wan-based AR system).
         config: architecture, when shapes do not tell (heads): dict or JSON path.
-        text_encoder: callable ``prompts -> [B, L, text_dim]``; default: :class:`HashedWordEncoder` (warned).
+        text_encoder: a callable ``prompts -> [B, L, text_dim]``, or a UMT5 folder / hub id loaded with
+            :func:`~cachepolicy.adapters.wan.components.load_umt5_text_encoder` (512 tokens, in ``dtype``);
+            default: :class:`HashedWordEncoder` (warned).
+        vae: a callable ``latents -> pixels [B, F', 3, H', W']``, or a Wan VAE folder / hub id loaded with
+            :func:`~cachepolicy.adapters.wan.components.load_wan_vae` (float32); default: no decoder.
         sampler: default denoising recipe (default: Self Forcing's 4 steps warped with shift 5).
     """
-    if unknown:
-        raise ParameterError(f"unknown option(s) {sorted(unknown)} for model {model!r}; "
-                             f"allowed: {', '.join(_LOADER_OPTIONS)}")
-    if checkpoint is None:
-        raise ParameterError(f"model {model!r} needs checkpoint=PATH (the training checkpoint file, e.g. "
-                             f"--model-option checkpoint=checkpoints/self_forcing_dmd.pt)")
+    from cachepolicy.adapters.wan.components import check_component_sources
+
+    _check_options(model, unknown, _LOADER_OPTIONS, checkpoint, "checkpoints/self_forcing_dmd.pt")
+    check_component_sources(text_encoder=text_encoder, vae=vae)
     transformer = load_training_checkpoint(str(checkpoint), ema=_as_bool("ema", ema), config=config, dtype=dtype,
                                            device=device)
-    encoder = text_encoder or default_text_encoder(transformer.config.text_dim, model)
-    return WanAdapter(transformer, name=model, latent_size=parse_latent_size(latent_size), text_encoder=encoder,
-                      frames_per_chunk=int(frames_per_chunk), sampler=sampler)
+    return _adapter(transformer, model=model, device=device, dtype=dtype, latent_size=latent_size,
+                    frames_per_chunk=frames_per_chunk, text_encoder=text_encoder, vae=vae, sampler=sampler)
+
+
+def _positive_number(name: str, value: Any, kind: type) -> Any:
+    if value is None:
+        return None
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number <= 0 or isinstance(value, bool):
+        raise ParameterError(f"{name}={value!r}: expected a positive {'integer' if kind is int else 'number'}")
+    return number
+
+
+def load_longlive(checkpoint: str | Path | None = None, *, lora: str | Path | None = None,
+                  lora_alpha: Any = None, lora_rank: Any = None, ema: Any = False, device: str = "cpu",
+                  dtype: str = "float32", latent_size: Any = (60, 104), frames_per_chunk: int = 3,
+                  config: Mapping[str, Any] | str | Path | None = None, text_encoder: Any = None, vae: Any = None,
+                  sampler: Sampler | None = None, **unknown: Any) -> WanAdapter:
+    """``longlive``: LongLive 1.0's base generator (``longlive_base.pt``) with its LoRA (``lora.pt``) merged.
+
+    LongLive's inference (NVlabs/LongLive ``inference.py``) loads ``generator`` of the base (``use_ema:
+    false``), wraps the model with peft LoRA (rank 256, alpha 256) and loads ``lora.pt``'s
+    ``generator_lora``. Here the LoRA is merged into the original-layout weights (``W + alpha/r * B @ A``, see
+    :mod:`cachepolicy.adapters.wan.lora`) before the strict conversion, and the model is a stock
+    ``WanTransformer3DModel``.
+
+    Args:
+        checkpoint: the base checkpoint (``longlive_models/models/longlive_base.pt``).
+        lora: the LoRA file (``longlive_models/models/lora.pt``); required.
+        lora_alpha: peft's ``lora_alpha`` (default: the rank, i.e. a scale of 1, as LongLive's configs).
+        lora_rank: the rank the file must have (default: read from it; LongLive's release: 256).
+        ema: read ``generator_ema`` of the base (default false, as LongLive's configs).
+        other options: as :func:`load_wan_checkpoint`.
+    """
+    from cachepolicy.adapters.wan.components import check_component_sources
+    from cachepolicy.adapters.wan.lora import read_lora
+
+    model = "longlive"
+    _check_options(model, unknown, (*_LOADER_OPTIONS, *_LORA_OPTIONS), checkpoint,
+                   "longlive_models/models/longlive_base.pt")
+    if lora is None:
+        raise ParameterError("model 'longlive' needs lora=PATH (LongLive's LoRA weights, e.g. --model-option "
+                             "lora=longlive_models/models/lora.pt); to run the base alone, use wan-checkpoint")
+    alpha = _positive_number("lora_alpha", lora_alpha, float)
+    rank = _positive_number("lora_rank", lora_rank, int)
+    check_component_sources(text_encoder=text_encoder, vae=vae)
+    weights = read_lora(str(lora), rank=rank)  # small: checked before the base is read
+    transformer = load_training_checkpoint(str(checkpoint), ema=_as_bool("ema", ema), config=config, dtype=dtype,
+                                           device=device, lora=weights, lora_alpha=alpha)
+    del weights
+    return _adapter(transformer, model=model, device=device, dtype=dtype, latent_size=latent_size,
+                    frames_per_chunk=frames_per_chunk, text_encoder=text_encoder, vae=vae, sampler=sampler)
 
 
 def load_self_forcing(checkpoint: str | Path | None = None, *, ema: Any = True, **options: Any) -> WanAdapter:
