@@ -93,11 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
                                          "re-cache and restart settings and where they were read.")
     recipes.add_argument("--json", action="store_true", help="print a JSON list of objects")
     compare = sub.add_parser(
-        "compare", help="a grid of policies x prompts x seeds on one model, resumable, with a report",
-        description="Run every (policy, prompt, seed) job, appending one line per finished job to "
+        "compare", help="a grid of policies x prompts x seeds on one or more models, resumable, with a report",
+        description="Run every (model, policy, prompt, seed) job, appending one line per finished job to "
                     "DIR/results.jsonl (a rerun with the same settings resumes), then write summary.json, "
                     "summary.md and report.html (plots, side-by-side videos) into DIR.")
-    compare.add_argument("model", help="model name (see 'cachepolicy plugins') or a diffusers Wan folder")
+    compare.add_argument("models", nargs="+", metavar="MODEL",
+                         help="model name (see 'cachepolicy plugins') or a diffusers Wan folder; several run "
+                              "the same grid on each, one after the other")
     compare.add_argument("--policies", required=True, action="append", metavar="'SPEC; SPEC; ...'",
                          help="composed policy specs separated by ';' (repeatable)")
     compare.add_argument("--prompts", required=True, metavar="FILE_OR_TEXT",
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--metric-option", action="append", default=[], type=_parse_option,
                          metavar="METRIC.KEY=VALUE", help="option for a metric, e.g. feature-consistency.path=DIR")
     compare.add_argument("--model-option", action="append", default=[], type=_parse_option, metavar="KEY=VALUE",
-                         help="option passed to the model loader")
+                         help="option passed to the loader of every model")
     compare.add_argument("--device", default=None, help="torch device of the model")
     compare.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     compare.add_argument("--executor", default="local", choices=["local", "ray"],
@@ -163,9 +165,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             raise CompareConfigError(f"--metric-option {key}={value}: write METRIC.KEY=VALUE")
         metric_options.setdefault(metric, {})[option] = value
     metrics = (tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics
-               else default_metrics(metric_options, args.model))
+               else default_metrics(metric_options, args.models))
     model_options = _model_options(args)
-    config = CompareConfig(model=args.model, policies=split_policies(args.policies),
+    config = CompareConfig(models=args.models, policies=split_policies(args.policies),
                            prompts=read_prompts(args.prompts), seeds=parse_seeds(args.seeds),
                            num_chunks=args.chunks, metrics=metrics, model_options=model_options,
                            metric_options=metric_options)
@@ -193,7 +195,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     if not (folder / CONFIG_FILE).is_file():
         raise CompareConfigError(f"{folder} has no {CONFIG_FILE}: not a compare output folder")
-    config = CompareConfig(**json.loads((folder / CONFIG_FILE).read_text())["config"])
+    config = CompareConfig.from_json(json.loads((folder / CONFIG_FILE).read_text())["config"])
     write_report(folder, config, ResultsStore(folder / RESULTS_FILE).load())
     print(f"report: {folder / 'report.html'}")
     return 0

@@ -1,9 +1,9 @@
-"""``cachepolicy compare``: a grid of policies x prompts x seeds on one model, resumable, with a report.
+"""``cachepolicy compare``: a grid of models x policies x prompts x seeds, resumable, with a report.
 
 Layout of the output folder::
 
     DIR/config.json        the configuration and its fingerprint (a rerun must match it)
-    DIR/results.jsonl      one line per finished job: policy (spec as given), prompt, seed, metrics, curves
+    DIR/results.jsonl      one line per finished job: model, policy (spec as given), prompt, seed, metrics, curves
     DIR/jobs/<id>/         latents.safetensors, trace.jsonl, preview.npy (uint8 frames for the videos)
     DIR/summary.json, summary.md, report.html, plots/, videos/   (see :mod:`cachepolicy.report`)
 
@@ -91,23 +91,34 @@ def split_policies(text: str | Sequence[str]) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------------------- config
 @attrs.frozen
 class Job:
-    """One cell of the grid: one composed policy spec, one prompt, one seed."""
+    """One cell of the grid: one model, one composed policy spec, one prompt, one seed."""
 
+    model: str
     policy: str
     prompt: str
     seed: int
 
     @property
     def id(self) -> str:
-        key = json.dumps([self.policy, self.prompt, self.seed]).encode()
+        key = json.dumps([self.model, self.policy, self.prompt, self.seed]).encode()
         return hashlib.sha256(key).hexdigest()[:16]
 
 
-@attrs.frozen(hash=False)
-class CompareConfig:
-    """A comparison: what changes its fingerprint changes the results, and a rerun must match it."""
+def _to_models(value: str | Sequence[str]) -> tuple[str, ...]:
+    """One model name (or folder) or several -> a tuple without repeats, in order."""
+    names = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+    return tuple(dict.fromkeys(str(name) for name in names))
 
-    model: str
+
+@attrs.frozen(hash=False, init=False)
+class CompareConfig:
+    """A comparison: what changes its fingerprint changes the results, and a rerun must match it.
+
+    ``models`` holds one or more model names (or diffusers folders); ``model="x"`` is accepted for
+    ``models=("x",)``. ``model_options`` apply to every model.
+    """
+
+    models: tuple[str, ...] = attrs.field(converter=_to_models)
     policies: tuple[str, ...] = attrs.field(converter=tuple)
     prompts: tuple[str, ...] = attrs.field(converter=tuple)
     seeds: tuple[int, ...] = attrs.field(converter=tuple)
@@ -116,9 +127,21 @@ class CompareConfig:
     model_options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
     metric_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, converter=dict)
 
+    def __init__(self, models: str | Sequence[str] | None = None, *, model: str | None = None,
+                 **fields: Any) -> None:
+        if (models is None) == (model is None):
+            raise TypeError("CompareConfig takes models=(...) or model='...', exactly one of them")
+        self.__attrs_init__(models=models if model is None else model, **fields)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CompareConfig:
+        """The configuration of a ``config.json``; one written before several models (``"model"``) reads
+        as ``models=(model,)``."""
+        return cls(**dict(data))
+
     def to_json(self) -> dict[str, Any]:
         return {
-            "model": self.model,
+            "models": list(self.models),
             "model_options": dict(sorted(self.model_options.items())),
             "policies": list(self.policies),
             "prompts": list(self.prompts),
@@ -133,20 +156,24 @@ class CompareConfig:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
     def jobs(self) -> list[Job]:
-        return [Job(policy, prompt, seed) for policy in self.policies for prompt in self.prompts
-                for seed in self.seeds]
+        """The grid, model by model (the jobs of one model run together: a process holds one model)."""
+        return [Job(model, policy, prompt, seed) for model in self.models for policy in self.policies
+                for prompt in self.prompts for seed in self.seeds]
 
 
 def validate(config: CompareConfig) -> None:
-    """Check every name before any job runs: model, each policy spec (named by position), each metric."""
+    """Check every name before any job runs: each model, each policy spec (named by position), each metric."""
     from cachepolicy.api import build_policies
     from cachepolicy.registry import get_registry
 
     registry = get_registry()
     if config.num_chunks < 1:
         raise CompareConfigError(f"--chunks must be at least 1, got {config.num_chunks}")
-    if config.model not in registry.models and not Path(config.model).is_dir():
-        registry.model(config.model)  # raises UnknownNameError with suggestions
+    if not config.models:
+        raise CompareConfigError("no models to compare; name one or more, e.g. 'tiny-wan tiny-skyreels'")
+    for model in config.models:
+        if model not in registry.models and not Path(model).is_dir():
+            registry.model(model)  # raises UnknownNameError with suggestions
     for index, spec in enumerate(config.policies, start=1):
         try:
             build_policies(spec)
@@ -166,30 +193,43 @@ def validate(config: CompareConfig) -> None:
 
 
 def check_model(config: CompareConfig) -> None:
-    """Load the model (kept for the jobs of this process) and check every policy against it."""
+    """Load each model and check the rollout length and every policy against it.
+
+    The models are checked last to first, so the first model, whose jobs run first, stays loaded for them
+    (the process holds one model at a time). With several models an error names the model.
+    """
     from cachepolicy.api import build_policies
 
-    adapter = _load_model_cached(config.model, config.model_options)
-    adapter.check_rollout(config.num_chunks * adapter.info.frames_per_chunk, 1)
-    for index, spec in enumerate(config.policies, start=1):
-        for policy in build_policies(spec):
-            try:
-                policy.check_compatible(adapter.info)
-            except CachePolicyError as exc:
-                raise CompareConfigError(
-                    f"policy spec {index} of {len(config.policies)} ({spec!r}): {exc}"
-                ) from exc
+    for model in reversed(config.models):
+        where = f"model {model!r}: " if len(config.models) > 1 else ""
+        adapter = _load_model_cached(model, config.model_options)
+        try:
+            adapter.check_rollout(config.num_chunks * adapter.info.frames_per_chunk, 1)
+        except CachePolicyError as exc:
+            if not where:
+                raise
+            raise CompareConfigError(f"{where}{exc}") from exc
+        for index, spec in enumerate(config.policies, start=1):
+            for policy in build_policies(spec):
+                try:
+                    policy.check_compatible(adapter.info)
+                except CachePolicyError as exc:
+                    raise CompareConfigError(
+                        f"{where}policy spec {index} of {len(config.policies)} ({spec!r}): {exc}"
+                    ) from exc
 
 
 def default_metrics(metric_options: Mapping[str, Mapping[str, Any]] | None = None,
-                    model: str | None = None) -> tuple[str, ...]:
-    """Every installed metric that is available for ``model``: one that needs weights the user lacks is
-    skipped, and ground-truth metrics only apply to models whose entry ``provides_ground_truth``."""
+                    models: str | Sequence[str] | None = None, *, model: str | None = None) -> tuple[str, ...]:
+    """Every installed metric that is available for every one of ``models`` (or ``model``): one that needs
+    weights the user lacks is skipped, and ground-truth metrics only apply when every model's entry
+    ``provides_ground_truth``."""
     from cachepolicy.registry import get_registry
 
     registry = get_registry()
-    entry = registry.models.get(model) if model is not None else None
-    has_truth = bool(entry is not None and entry.provides_ground_truth)
+    names_of = _to_models(models if models is not None else (model if model is not None else ()))
+    entries = [registry.models.get(name) for name in names_of]
+    has_truth = bool(entries) and all(e is not None and e.provides_ground_truth for e in entries)
     names = []
     for name, cls in registry.metrics.items():
         if getattr(cls, "needs_ground_truth", False) and not has_truth:
@@ -300,7 +340,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     from cachepolicy.registry import get_registry
 
     job = Job(**payload["job"])
-    adapter = _load_model_cached(payload["model"], payload["model_options"])
+    adapter = _load_model_cached(job.model, payload["model_options"])
     policies = build_policies(job.policy)
     config = RolloutConfig(num_chunks=payload["num_chunks"], prompts=(job.prompt,), seeds=(job.seed,))
     session = Session(adapter, policies, config, progress=payload.get("progress", False))
@@ -335,6 +375,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             curves[name] = list(value.per_chunk)
     return {
         "job_id": job.id,
+        "model": job.model,
         "policy": job.policy,
         "policy_resolved": "+".join(p.spec for p in policies),
         "prompt": job.prompt,
@@ -356,7 +397,11 @@ def prepare_folder(config: CompareConfig, out: Path, force: bool) -> ResultsStor
     if config_path.exists():
         previous = json.loads(config_path.read_text())
         if previous.get("fingerprint") != config.fingerprint:
-            changed = sorted(k for k, v in config.to_json().items() if previous.get("config", {}).get(k) != v)
+            try:  # an older config.json (one "model") is compared in today's form
+                before = CompareConfig.from_json(previous.get("config", {})).to_json()
+            except (TypeError, ValueError):
+                before = previous.get("config", {})
+            changed = sorted(k for k, v in config.to_json().items() if before.get(k) != v)
             if not force:
                 raise CompareConfigError(
                     f"{out} holds results of another configuration (differs in: {', '.join(changed) or 'version'}); "
@@ -397,7 +442,7 @@ def run_compare(config: CompareConfig, out: str | Path, *, executor: Any = None,
     if done:
         logger.info("resuming: %d of %d jobs already done", len(done), len(done) + len(jobs))
     payloads = [{
-        "job": attrs.asdict(job), "model": config.model, "model_options": dict(config.model_options),
+        "job": attrs.asdict(job), "model_options": dict(config.model_options),
         "num_chunks": config.num_chunks, "metrics": list(config.metrics),
         "metric_options": {k: dict(v) for k, v in config.metric_options.items()}, "out": str(out),
         "progress": progress and local,

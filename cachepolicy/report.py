@@ -1,8 +1,10 @@
 """The compare report: ``summary.json``, ``summary.md``, ``report.html`` with PNG plots and GIF videos.
 
-Statistics: per policy and metric, the mean over jobs (prompts x seeds) and a 95% confidence interval
-``mean +- t(0.975, n-1) * sd / sqrt(n)`` (Student's t; the interval is empty for a single job).
-Everything the HTML refers to lies inside the folder, so it opens offline.
+Statistics: per (model, policy) and metric, the mean over jobs (prompts x seeds) and a 95% confidence
+interval ``mean +- t(0.975, n-1) * sd / sqrt(n)`` (Student's t; the interval is empty for a single job).
+With one model a row is labelled by its policy spec; with several, ``"<model>: <policy>"`` (summary.md and
+the HTML table show the model in a column of its own). Everything the HTML refers to lies inside the
+folder, so it opens offline.
 """
 
 from __future__ import annotations
@@ -50,16 +52,39 @@ def _finite(value: float) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
+def groups(config: Any) -> list[tuple[str, str, str]]:
+    """``(label, model, policy)`` of each row of the report, model by model in the configuration's order:
+    the label is the policy spec with one model, ``"<model>: <policy>"`` with several."""
+    several = len(config.models) > 1
+    return [(f"{model}: {policy}" if several else policy, model, policy)
+            for model in config.models for policy in config.policies]
+
+
+def record_model(record: dict[str, Any], config: Any) -> str:
+    """The model of a results line (lines written before several models had no ``model``: the one model)."""
+    return record.get("model", config.models[0])
+
+
+def _rows(config: Any, records: list[dict[str, Any]], model: str, policy: str) -> list[dict[str, Any]]:
+    return [r for r in records if r["policy"] == policy and record_model(r, config) == model]
+
+
+def _summary_models(summary: dict[str, Any]) -> list[str]:
+    config = summary["config"]
+    return list(config["models"]) if "models" in config else [config["model"]]
+
+
 def summarise(config: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """``summary.json``'s content: per policy (in the configuration's order), per metric, mean and CI."""
+    """``summary.json``'s content: per (model, policy) in the configuration's order (keyed by the row's
+    label, see :func:`groups`), per metric, mean and CI."""
     policies: dict[str, Any] = {}
-    for policy in config.policies:
-        rows = [r for r in records if r["policy"] == policy]
+    for label, model, policy in groups(config):
+        rows = _rows(config, records, model, policy)
         stats = {}
         for metric in config.metrics:
             s = mean_ci([r["metrics"].get(metric, math.nan) for r in rows])
             stats[metric] = {k: (_finite(v) if k != "n" else v) for k, v in s.items()}
-        policies[policy] = {"jobs": len(rows), "metrics": stats}
+        policies[label] = {"model": model, "policy": policy, "jobs": len(rows), "metrics": stats}
     return {
         "config": config.to_json(),
         "fingerprint": config.fingerprint,
@@ -80,20 +105,25 @@ def format_stat(stat: dict[str, Any]) -> str:
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
+    """The table of ``summary.md``; with several models the model has a column of its own."""
     metrics = summary["config"]["metrics"]
+    models = _summary_models(summary)
+    several = len(models) > 1
     lines = [
-        f"# Policy comparison: {summary['config']['model']}",
+        f"# Policy comparison: {', '.join(models)}",
         "",
         f"{summary['jobs_done']} of {summary['jobs_total']} jobs; {len(summary['config']['prompts'])} prompt(s) x "
-        f"{len(summary['config']['seeds'])} seed(s) per policy, {summary['config']['num_chunks']} chunks each. "
+        f"{len(summary['config']['seeds'])} seed(s) per {'model and ' if several else ''}policy, "
+        f"{summary['config']['num_chunks']} chunks each. "
         "Cells: mean ± half-width of the 95% confidence interval over jobs.",
         "",
-        "| policy | jobs | " + " | ".join(metrics) + " |",
-        "|---|---|" + "---|" * len(metrics),
+        ("| model " if several else "") + "| policy | jobs | " + " | ".join(metrics) + " |",
+        ("|---" if several else "") + "|---|---|" + "---|" * len(metrics),
     ]
-    for policy, data in summary["policies"].items():
+    for label, data in summary["policies"].items():
         cells = [format_stat(data["metrics"][m]) for m in metrics]
-        lines.append(f"| `{policy}` | {data['jobs']} | " + " | ".join(cells) + " |")
+        first = f"| `{data['model']}` | `{data['policy']}` " if several else f"| `{label}` "
+        lines.append(first + f"| {data['jobs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -109,22 +139,27 @@ def _plot_curves(folder: Path, config: Any, records: list[dict[str, Any]]) -> li
     registry = get_registry()
     plots = []
     (folder / "plots").mkdir(exist_ok=True)
+    # one line per (model, policy): the colour says the policy, the line style the model
+    styles = ["-", "--", ":", "-."]
     for metric in config.metrics:
         if not any(metric in r.get("curves", {}) for r in records):
             continue
         fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-        for policy in config.policies:
-            curves = [r["curves"][metric] for r in records if r["policy"] == policy and metric in r.get("curves", {})]
+        for label, model, policy in groups(config):
+            curves = [r["curves"][metric] for r in _rows(config, records, model, policy)
+                      if metric in r.get("curves", {})]
             if not curves:
                 continue
             length = min(len(c) for c in curves)
             data = np.array([c[:length] for c in curves], dtype=float)
             mean = data.mean(axis=0)
             x = np.arange(length)
-            ax.plot(x, mean, label=policy, linewidth=1.6)
+            colour = f"C{list(config.policies).index(policy) % 10}"
+            style = styles[list(config.models).index(model) % len(styles)]
+            ax.plot(x, mean, label=label, linewidth=1.6, color=colour, linestyle=style)
             if data.shape[0] > 1:
                 half = t_quantile(data.shape[0] - 1) * data.std(axis=0, ddof=1) / math.sqrt(data.shape[0])
-                ax.fill_between(x, mean - half, mean + half, alpha=0.2)
+                ax.fill_between(x, mean - half, mean + half, alpha=0.2, color=colour)
         cls = registry.metrics.get(metric)
         unit = f" ({cls.unit})" if cls is not None and cls.unit else ""
         ax.set_xlabel("chunk")
@@ -137,16 +172,19 @@ def _plot_curves(folder: Path, config: Any, records: list[dict[str, Any]]) -> li
         fig.savefig(folder / name)
         plt.close(fig)
         plots.append((metric, name))
-    # TokenTrim trigger timeline: one row per job of each policy, a mark where it triggered
-    triggers = [(r["policy"], r["prompt"], r["seed"], r["curves"].get("tokentrim-triggers", []))
-                for r in records if any(r.get("curves", {}).get("tokentrim-triggers", []))]
+    # TokenTrim trigger timeline: one row per job of each (model,) policy, a mark where it triggered
+    several = len(config.models) > 1
+    triggers = sorted((record_model(r, config) if several else "", r["policy"], r["prompt"], r["seed"],
+                       r["curves"].get("tokentrim-triggers", []))
+                      for r in records if any(r.get("curves", {}).get("tokentrim-triggers", [])))
     if triggers:
         fig, ax = plt.subplots(figsize=(7, 0.3 * len(triggers) + 1.2), dpi=100)
-        for row, (policy, prompt, seed, curve) in enumerate(sorted(triggers)):
+        for row, (_, _, _, _, curve) in enumerate(triggers):
             chunks = [i for i, v in enumerate(curve) if v]
             ax.scatter(chunks, [row] * len(chunks), marker="|", s=120)
         ax.set_yticks(range(len(triggers)))
-        ax.set_yticklabels([f"{p[:30]} | seed {s}" for p, _, s, _ in sorted(triggers)], fontsize=6)
+        ax.set_yticklabels([f"{m + ': ' if m else ''}{p[:30]} | seed {s}" for m, p, _, s, _ in triggers],
+                           fontsize=6)
         ax.set_xlabel("chunk")
         ax.set_title("TokenTrim triggers", fontsize=9)
         fig.tight_layout()
@@ -163,29 +201,32 @@ def _side_by_side(folder: Path, config: Any, records: list[dict[str, Any]]) -> l
 
     (folder / "videos").mkdir(exist_ok=True)
     videos = []
-    by_key = {(r["policy"], r["prompt"], r["seed"]): r for r in records}
+    several = len(config.models) > 1
+    by_key = {(record_model(r, config), r["policy"], r["prompt"], r["seed"]): r for r in records}
     for p_index, prompt in enumerate(config.prompts):
         for seed in config.seeds:
             panels, labels = [], []
-            for policy in config.policies:
-                record = by_key.get((policy, prompt, seed))
+            for _, model, policy in groups(config):
+                record = by_key.get((model, policy, prompt, seed))
                 path = folder / "jobs" / (record["job_id"] if record else "") / "preview.npy"
                 if record is None or not path.is_file():
                     continue
                 panels.append(np.load(path))
-                labels.append(policy)
+                labels.append([model, policy] if several else [policy])  # one line of text each
             if not panels:
                 continue
             frames = min(p.shape[0] for p in panels)
             height = max(p.shape[1] for p in panels)
-            label_h = 14
+            label_h = 2 + 12 * max(len(lines) for lines in labels)
             strip = []
             for t in range(frames):
                 row = []
                 for panel, label in zip(panels, labels):
                     image = Image.new("RGB", (panel.shape[2], height + label_h), (255, 255, 255))
                     image.paste(Image.fromarray(panel[t]), (0, label_h))
-                    ImageDraw.Draw(image).text((2, 1), label[: max(4, panel.shape[2] // 6)], fill=(0, 0, 0))
+                    draw = ImageDraw.Draw(image)
+                    for line_index, text in enumerate(label):
+                        draw.text((2, 1 + 12 * line_index), text[: max(4, panel.shape[2] // 6)], fill=(0, 0, 0))
                     row.append(np.asarray(image))
                     row.append(np.full((height + label_h, 4, 3), 255, dtype=np.uint8))
                 strip.append(np.concatenate(row[:-1], axis=1))
@@ -197,23 +238,33 @@ def _side_by_side(folder: Path, config: Any, records: list[dict[str, Any]]) -> l
 
 
 def _html(summary: dict[str, Any], plots: list[tuple[str, str]], videos: list[tuple[str, str]],
-          decoded: bool) -> str:
+          decoded: bool | None) -> str:
+    """``decoded``: True if every video shows decoded frames, False if none does, None if some do."""
     metrics = summary["config"]["metrics"]
+    models = _summary_models(summary)
+    several = len(models) > 1
     esc = html.escape
     rows = []
-    for policy, data in summary["policies"].items():
+    for label, data in summary["policies"].items():
         cells = "".join(f"<td>{esc(format_stat(data['metrics'][m]))}</td>" for m in metrics)
-        rows.append(f"<tr><td><code>{esc(policy)}</code></td><td>{data['jobs']}</td>{cells}</tr>")
-    head = "".join(f"<th>{esc(m)}</th>" for m in metrics)
+        first = (f"<td><code>{esc(data['model'])}</code></td><td><code>{esc(data['policy'])}</code></td>"
+                 if several else f"<td><code>{esc(label)}</code></td>")
+        rows.append(f"<tr>{first}<td>{data['jobs']}</td>{cells}</tr>")
+    head = ("<th>model</th>" if several else "") + "<th>policy</th><th>jobs</th>"
+    head += "".join(f"<th>{esc(m)}</th>" for m in metrics)
     plot_html = "".join(f'<figure><img src="{esc(src)}" alt="{esc(title)}"><figcaption>{esc(title)}</figcaption>'
                         f"</figure>" for title, src in plots)
+    latent_note = "first three latent channels, normalised per video"
     note = ("decoded frames" if decoded else
-            "latent preview (the model has no decoder): first three latent channels, normalised per video")
+            f"latent preview (the model has no decoder): {latent_note}" if decoded is False else
+            f"decoded frames where the model has a decoder, else a latent preview: {latent_note}")
     video_html = "".join(f'<figure><img src="{esc(src)}" alt="{esc(title)}"><figcaption>{esc(title)}</figcaption>'
                          f"</figure>" for title, src in videos)
     config = summary["config"]
+    grid = (f"{len(models)} models x " if several else "") + f"{len(config['policies'])} policies x"
+    order = "Models and policies" if several else "Policies"
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>cachepolicy compare: {esc(config['model'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>cachepolicy compare: {esc(', '.join(models))}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 0.9em; }}
@@ -223,18 +274,18 @@ figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
 figcaption {{ font-size: 0.8em; color: #555; max-width: 700px; }}
 img {{ image-rendering: pixelated; max-width: 100%; }}
 </style></head><body>
-<h1>Policy comparison on <code>{esc(config['model'])}</code></h1>
-<p>{summary['jobs_done']} of {summary['jobs_total']} jobs: {len(config['policies'])} policies x
+<h1>Policy comparison on {', '.join(f'<code>{esc(m)}</code>' for m in models)}</h1>
+<p>{summary['jobs_done']} of {summary['jobs_total']} jobs: {grid}
 {len(config['prompts'])} prompt(s) x {len(config['seeds'])} seed(s), {config['num_chunks']} chunks each.
 Cells are mean ± half-width of the 95% confidence interval over jobs.
 Data: <a href="summary.json">summary.json</a>, <a href="summary.md">summary.md</a>,
 <a href="results.jsonl">results.jsonl</a>.</p>
-<table id="summary"><thead><tr><th>policy</th><th>jobs</th>{head}</tr></thead>
+<table id="summary"><thead><tr>{head}</tr></thead>
 <tbody>{''.join(rows)}</tbody></table>
 <h2>Metrics against chunk index</h2>
 {plot_html}
 <h2>Side by side</h2>
-<p>Policies left to right in the order of the table; {esc(note)}.</p>
+<p>{order} left to right in the order of the table; {esc(note)}.</p>
 {video_html}
 </body></html>
 """
@@ -248,7 +299,8 @@ def write_report(folder: str | Path, config: Any, records: list[dict[str, Any]])
     atomic_write_bytes(folder / "summary.md", summary_markdown(summary).encode())
     plots = _plot_curves(folder, config, records) if records else []
     videos = _side_by_side(folder, config, records) if records else []
-    decoded = bool(records) and all(r.get("preview_decoded") for r in records)
+    flags = {bool(r.get("preview_decoded")) for r in records}
+    decoded = flags == {True} if len(flags) < 2 else None
     atomic_write_bytes(folder / "report.html", _html(summary, plots, videos, decoded).encode())
     logger.info("report written to %s", folder / "report.html")
     return summary

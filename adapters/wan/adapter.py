@@ -49,7 +49,7 @@ def apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tens
     return out.type_as(x)
 
 
-class _ForwardState:
+class ForwardState:
     """What the processors and the RoPE hook need during one adapter forward (set, then cleared)."""
 
     def __init__(self) -> None:
@@ -63,10 +63,10 @@ class _ForwardState:
         self.__init__()
 
 
-class _AbsoluteRopeHook(ModelHook):
+class AbsoluteRopeHook(ModelHook):
     """Replaces ``WanRotaryPosEmbed.forward`` by the chunk's precomputed absolute-position tables."""
 
-    def __init__(self, state: _ForwardState) -> None:
+    def __init__(self, state: ForwardState) -> None:
         super().__init__()
         self.state = state
 
@@ -82,7 +82,7 @@ class CachedWanAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, layer: int, state: _ForwardState) -> None:
+    def __init__(self, layer: int, state: ForwardState) -> None:
         self.layer = layer
         self.state = state
         self._stock = WanAttnProcessor()
@@ -234,12 +234,12 @@ class WanAdapter(ModelAdapter):
             dtype=str(param.dtype).removeprefix("torch."),
             sampler=sampler or Sampler(),
         )
-        self._state = _ForwardState()
+        self._state = ForwardState()
         self._original_processors = [block.attn1.processor for block in model.blocks]
         for layer, block in enumerate(model.blocks):
             block.attn1.set_processor(CachedWanAttnProcessor(layer, self._state))
         HookRegistry.check_if_exists_or_initialize(model.rope).register_hook(
-            _AbsoluteRopeHook(self._state), ROPE_HOOK_NAME
+            AbsoluteRopeHook(self._state), ROPE_HOOK_NAME
         )
         # rotary tables per axis, [max_seq_len, dim_axis] (float64 like diffusers on CPU/CUDA)
         rope = model.rope
@@ -401,19 +401,23 @@ def cast_model(model: WanTransformer3DModel, device: str | torch.device,
 
 def load_diffusers_wan(path: str | None = None, *, device: str = "cpu", dtype: str = "float32",
                        latent_size: tuple[int, int] = (60, 104), frames_per_chunk: int = 3,
-                       text_encoder: Any = None) -> WanAdapter:
+                       text_encoder: Any = None, vae: Any = None) -> WanAdapter:
     """Load a ``WanTransformer3DModel`` saved in diffusers format from a local folder, strictly.
 
     ``path`` is the model folder (``config.json`` + ``diffusion_pytorch_model*.safetensors``) or a pipeline
     folder with a ``transformer/`` subfolder. Missing, unexpected or mis-shaped keys raise
     :class:`~cachepolicy.errors.CheckpointError` (see :mod:`cachepolicy.adapters.wan.checkpoints`).
-    Without ``text_encoder`` prompts are embedded by a deterministic hashed-word table (a warning says so).
+    ``text_encoder``: a UMT5 folder or hub id, or a callable; without one prompts are embedded by a
+    deterministic hashed-word table (a warning says so). ``vae``: a Wan VAE folder or hub id, to decode.
     """
-    from cachepolicy.adapters.wan.checkpoints import default_text_encoder, load_diffusers_folder, parse_latent_size
+    from cachepolicy.adapters.wan.checkpoints import load_diffusers_folder, parse_latent_size
+    from cachepolicy.adapters.wan.components import check_component_sources, resolve_components
 
     if path is None:
         raise ParameterError("model 'wan-diffusers' needs path=DIR (a folder with config.json and weights)")
+    check_component_sources(text_encoder=text_encoder, vae=vae)
     model = load_diffusers_folder(str(path), dtype=dtype, device=device)
-    encoder = text_encoder or default_text_encoder(model.config.text_dim, "wan-diffusers")
+    encoder, decoder = resolve_components(model, model="wan-diffusers", text_encoder=text_encoder, vae=vae,
+                                          device=device, dtype=dtype)
     return WanAdapter(model, name=str(path), latent_size=parse_latent_size(latent_size), text_encoder=encoder,
-                      frames_per_chunk=frames_per_chunk)
+                      frames_per_chunk=frames_per_chunk, decoder=decoder)

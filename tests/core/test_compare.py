@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -189,3 +190,113 @@ def test_parsers():
         run_compare(config(metrics=("nope",)), "/nonexistent/never-written")
     with pytest.raises(CompareConfigError, match="--chunks must be at least 1"):
         run_compare(config(num_chunks=0), "/nonexistent/never-written")
+
+
+# ------------------------------------------------------------------------------------- several models
+TWO_POLICIES = ["full", "attention-sink:frames=1+sliding-window:frames=3"]
+REPRODUCIBLE = ("latent-drift", "flicker", "frame-stats-drift", "cache-tokens")
+
+
+def _two_model_config(models=("tiny-wan", "tiny-skyreels")):
+    return CompareConfig(models=models, policies=TWO_POLICIES, prompts=["a red fox"], seeds=[0, 1], num_chunks=2,
+                         metrics=REPRODUCIBLE)
+
+
+def test_two_models_in_one_compare(tmp_path):
+    out = tmp_path / "two"
+    summary = run_compare(_two_model_config(), out)
+    results = out / "results.jsonl"
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(lines) == 8
+    assert {(r["model"], r["policy"], r["seed"]) for r in lines} == {
+        (m, p, s) for m in ("tiny-wan", "tiny-skyreels") for p in TWO_POLICIES for s in (0, 1)}
+    assert [r["model"] for r in lines] == ["tiny-wan"] * 4 + ["tiny-skyreels"] * 4  # one model at a time
+    assert list(summary["policies"]) == [f"{m}: {p}" for m in ("tiny-wan", "tiny-skyreels") for p in TWO_POLICIES]
+    for data in summary["policies"].values():
+        assert data["jobs"] == 2
+        for metric in REPRODUCIBLE:
+            assert math.isfinite(data["metrics"][metric]["mean"]), (data["model"], data["policy"], metric)
+    assert json.loads((out / "config.json").read_text())["config"]["models"] == ["tiny-wan", "tiny-skyreels"]
+
+    # summary.md has a model column; report.html one row per (model, policy) and only local references
+    markdown = (out / "summary.md").read_text()
+    assert "# Policy comparison: tiny-wan, tiny-skyreels" in markdown
+    assert "| model | policy | jobs |" in markdown
+    assert f"| `tiny-skyreels` | `{TWO_POLICIES[1]}` | 2 |" in markdown
+    parser = _Refs()
+    parser.feed((out / "report.html").read_text())
+    assert parser.rows == 4
+    assert all((out / ref).is_file() for ref in parser.refs)
+
+    # resume: the same configuration again runs nothing and appends nothing
+    before = results.read_bytes()
+    mtime = (out / "jobs").stat().st_mtime_ns
+    run_compare(_two_model_config(), out)
+    assert results.read_bytes() == before and (out / "jobs").stat().st_mtime_ns == mtime
+    # a killed run (the last three lines lost, one of them torn) finishes each job exactly once
+    kept = before.splitlines(keepends=True)[:5]
+    results.write_bytes(b"".join(kept) + before.splitlines(keepends=True)[5][:20])
+    run_compare(_two_model_config(), out)
+    records = ResultsStore(results).load()
+    assert len(records) == len(results.read_text().splitlines()) == 8
+    assert len({r["job_id"] for r in records}) == 8
+
+    # the tiny-wan rows are those of a compare of tiny-wan alone, to the last digit
+    alone = run_compare(_two_model_config(models=("tiny-wan",)), tmp_path / "alone")
+    for policy in TWO_POLICIES:
+        assert alone["policies"][policy]["metrics"] == summary["policies"][f"tiny-wan: {policy}"]["metrics"]
+    single = {r["job_id"]: r for r in ResultsStore(tmp_path / "alone" / "results.jsonl").load()}
+    assert len(single) == 4
+    for record in (r for r in lines if r["model"] == "tiny-wan"):
+        assert single[record["job_id"]]["metrics"] == record["metrics"]
+        assert single[record["job_id"]]["curves"] == record["curves"]
+    assert "| model |" not in (tmp_path / "alone" / "summary.md").read_text()  # one model: today's table
+
+
+def test_cli_takes_several_models_and_checks_each_before_any_job(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "tiny-wan", "tiny-skyreels", "--policies", "full", "--prompts", "a red fox", "--chunks", "1",
+            "--metrics", "cache-tokens", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    records = ResultsStore(out / "results.jsonl").load()
+    assert [r["model"] for r in records] == ["tiny-wan", "tiny-skyreels"]
+    assert "| `tiny-skyreels` | `full` | 1 |" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    assert main(["compare", "tiny-wan", "tiny-skyrels", *argv[3:-3], "--out", str(bad), "--no-progress"]) == 2
+    assert "unknown model 'tiny-skyrels'. Did you mean 'tiny-skyreels'" in capsys.readouterr().err
+    assert not (bad / "results.jsonl").exists()
+    with pytest.raises(UnknownNameError):
+        run_compare(_two_model_config(models=("tiny-wan", "nope")), tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_model_is_a_shorthand_and_old_config_folders_still_report(tmp_path, capsys):
+    assert config() == config(model=None, models=("tiny-wan",)) == CompareConfig.from_json(config().to_json())
+    assert config().models == ("tiny-wan",) and config(model=None, models="tiny-wan").models == ("tiny-wan",)
+    with pytest.raises(TypeError, match="exactly one"):
+        config(models=("tiny-wan",))
+    # a folder written before several models: config.json has "model", results lines no "model"
+    out = tmp_path / "old"
+    run_compare(config(policies=["full", "sliding-window:frames=3"], num_chunks=2, metrics=REPRODUCIBLE), out)
+    summary = json.loads((out / "summary.json").read_text())
+    markdown = (out / "summary.md").read_text()
+    saved = json.loads((out / "config.json").read_text())
+    saved["config"] = {"model": "tiny-wan", **{k: v for k, v in saved["config"].items() if k != "models"}}
+    (out / "config.json").write_text(json.dumps(saved))
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    (out / "results.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "model"}) + "\n"
+                                               for r in lines))
+    for name in ("summary.json", "summary.md", "report.html"):
+        (out / name).unlink()
+    assert main(["report", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["policies"] == summary["policies"]
+    assert (out / "summary.md").read_text() == markdown
+    assert "report.html" in capsys.readouterr().out
+
+
+def test_default_metrics_are_those_of_every_model():
+    from cachepolicy.compare import default_metrics
+
+    assert "scene-count-error" in default_metrics(models=["drift-lab"])
+    assert not any(m.startswith("scene-") for m in default_metrics(models=["drift-lab", "tiny-wan"]))
+    assert default_metrics(model="tiny-wan") == default_metrics(None, ["tiny-wan", "tiny-skyreels"])
