@@ -6,12 +6,18 @@ Layout (one tensor for all layers, so compaction is one pass over the batch)::
     frame     [B, capacity]  int64   absolute latent frame of the token
     chunk     [B, capacity]  int64   chunk that committed the token
     row, col  [B, capacity]  int64   spatial position on the token grid
-    rope_pos  [B, capacity]  int64   frame position the key was rotated to (post-RoPE storage)
+    rope_pos  [B, capacity]  int64   frame position of the key (rotated there when stored, or on read)
     pinned    [B, capacity]  bool    protected by some policy at a selection (sticky once set)
 
 Sample ``b`` holds ``lengths[b]`` resident tokens at positions ``[0, lengths[b])``, always in frame
 order. The chunk being generated writes its keys/values *provisionally* into positions
 ``[lengths[b], lengths[b] + n)``; they become resident only through :meth:`KVCache.commit`.
+
+RoPE modes (``rope_mode``): ``"absolute"`` (default) stores keys after RoPE at their absolute (or
+recipe-chosen) frame positions, recorded as ``rope_pos``; ``"raw"`` stores keys before RoPE and the
+adapter rotates every key it attends to on read, resident tokens to their ``rope_pos`` unless the forward
+overrides their positions (Rolling Forcing's anchor, re-rotated to sit just before its working cache).
+Both modes give the same result when nothing is overridden.
 
 The buffer grows geometrically when needed and is otherwise reused: compaction moves tokens inside the
 same storage, so under a window the memory stays flat.
@@ -26,6 +32,7 @@ import torch
 from cachepolicy.errors import CacheShapeError
 
 METADATA_FIELDS = ("frame", "chunk", "row", "col", "rope_pos")
+ROPE_MODES = ("absolute", "raw")
 
 
 @attrs.frozen(eq=False)
@@ -73,7 +80,10 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         capacity: int = 0,
+        rope_mode: str = "absolute",
     ) -> None:
+        if rope_mode not in ROPE_MODES:
+            raise CacheShapeError(f"KVCache rope_mode must be one of {', '.join(ROPE_MODES)}, got {rope_mode!r}")
         for name, value in (("num_layers", num_layers), ("batch_size", batch_size), ("num_heads", num_heads),
                             ("head_dim", head_dim), ("token_cols", token_cols)):
             if not isinstance(value, int) or value <= 0:
@@ -85,6 +95,7 @@ class KVCache:
         self.token_cols = token_cols
         self.device = torch.device(device)
         self.dtype = dtype
+        self.rope_mode = rope_mode
         self.lengths: list[int] = [0] * batch_size
         self.reallocations = 0
         self._allocate(max(capacity, 0))
@@ -147,17 +158,60 @@ class KVCache:
         batch_index = torch.arange(self.batch_size, device=self.device).unsqueeze(1).expand_as(positions)
         return batch_index, positions
 
-    def key_mask(self, num_tokens: int) -> torch.Tensor | None:
+    def key_mask(self, num_tokens: int, visible: torch.Tensor | None = None) -> torch.Tensor | None:
         """Bool ``[B, 1, 1, max_length + num_tokens]`` of key positions each sample may attend to
-        (resident tokens and its own provisional slot), or None when the batch is uniform."""
+        (resident tokens and its own provisional slot), or None when the batch is uniform and every
+        resident token is visible.
+
+        ``visible`` (bool ``[B, S]``, ``S = max_length``, aligned with :meth:`view`) restricts the resident
+        tokens attended to; the own slot is always visible.
+        """
+        size = self.max_length
+        if visible is not None and tuple(visible.shape) != (self.batch_size, size):
+            raise CacheShapeError(
+                f"visible mask of shape {tuple(visible.shape)} does not match the cache view {(self.batch_size, size)}"
+            )
         if self.uniform:
-            return None
-        total = self.max_length + num_tokens
+            if visible is None:
+                return None
+            own = torch.ones(self.batch_size, num_tokens, dtype=torch.bool, device=self.device)
+            return torch.cat([visible.to(self.device, torch.bool), own], dim=1)[:, None, None, :]
+        total = size + num_tokens
         positions = torch.arange(total, device=self.device).unsqueeze(0)
         lengths = torch.tensor(self.lengths, device=self.device).unsqueeze(1)
         resident = positions < lengths
+        if visible is not None:
+            resident[:, :size] &= visible.to(self.device, torch.bool)
         own = (positions >= lengths) & (positions < lengths + num_tokens)
         return (resident | own)[:, None, None, :]
+
+    def key_positions(self, own: dict[str, torch.Tensor],
+                      rope_positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``rope_pos``, ``row`` and ``col`` ``[B, max_length + n]`` of every key position a forward reads
+        (raw mode rotates keys on read with them): resident tokens from their metadata (``rope_pos``
+        replaced by ``rope_positions`` ``[B, S]`` when given), the own slot from ``own[name]`` ``[B, n]``.
+        Positions past a sample's keys hold stale values (they are masked out). Call after :meth:`reserve`.
+        """
+        size = self.max_length
+        n = own["row"].shape[1]
+        if rope_positions is not None and tuple(rope_positions.shape) != (self.batch_size, size):
+            raise CacheShapeError(
+                f"rope_positions of shape {tuple(rope_positions.shape)} does not match the cache view "
+                f"{(self.batch_size, size)}"
+            )
+        index = self.write_index(n)
+        out = {}
+        for name in ("rope_pos", "row", "col"):
+            values = self.meta[name][:, :size + n].clone()
+            if name == "rope_pos" and rope_positions is not None:
+                values[:, :size] = rope_positions.to(device=self.device, dtype=torch.long)
+            mine = own[name].to(device=self.device, dtype=torch.long)
+            if isinstance(index, slice):
+                values[:, index] = mine
+            else:
+                values[index] = mine
+            out[name] = values
+        return out
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
               index: tuple[torch.Tensor, torch.Tensor] | slice) -> None:

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model-option", action="append", default=[], type=_parse_option, metavar="KEY=VALUE",
                      help="option passed to the model loader (e.g. seed=1, path=DIR)")
     run.add_argument("--recipe", default=None, metavar="NAME",
-                     help="a system's inference loop: self-forcing, causvid, longlive (see 'cachepolicy recipes'); "
+                     help="a system's inference loop: self-forcing, causvid, longlive, rolling-forcing (see "
+                          "'cachepolicy recipes'); "
                           "its policies compose with --policy")
     run.add_argument("--switch", action="append", default=[], type=_parse_switch, metavar="CHUNK:PROMPT",
                      help="from chunk CHUNK on, follow PROMPT (repeat for several switches; LongLive's recipe "
@@ -240,6 +241,10 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
         if recipe.restart is not None:
             print(f"    restarts: rollouts of {recipe.restart.rollout_frames} frames, overlap "
                   f"{recipe.restart.overlap_frames}")
+        if recipe.rolling is not None:
+            print(f"    rolling window of {len(recipe.sampler.denoising_steps) if recipe.sampler else '?'} chunks "
+                  f"at staggered noise levels; anchor {recipe.rolling.anchor_frames} frames re-rotated on read; "
+                  f"at most {recipe.rolling.max_attention_frames} frames attended; keys stored {recipe.rope_mode}")
         print(f"    source {recipe.source}")
     return 0
 

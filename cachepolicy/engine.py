@@ -22,6 +22,10 @@ the engine removes the requested (unprotected) tokens from the cache for the lis
 the chunk from step 1 with the *same* noise, at most ``max_restarts`` times per requesting policy and
 sample. The result of the last attempt is kept for every sample (samples that did not ask are recomputed
 from an unchanged cache and the same noise, so their result does not change).
+
+A recipe with :class:`~cachepolicy.recipes.Rolling` (Rolling Forcing) replaces steps 1-2 by its joint
+rolling window (:mod:`cachepolicy.rolling`); steps 3-5 are the same, per committed block. A recipe's
+``rope_mode`` picks the cache's RoPE mode.
 """
 
 from __future__ import annotations
@@ -253,7 +257,10 @@ class Session:
         except pluggy.PluginValidationError as exc:
             raise PluginLoadError(f"policy {exc.plugin!s} does not fit the rollout hooks: {exc}") from exc
         self.policy_state: dict[str, Any] = {p.spec: p.new_state() for p in self.policies}
-        self.cache: KVCache = adapter.new_cache(self.batch_size)
+        rope_mode = self.recipe.rope_mode if self.recipe is not None else "absolute"
+        # adapters written before RoPE modes take no rope_mode; they are only asked for the default
+        self.cache: KVCache = (adapter.new_cache(self.batch_size) if rope_mode == "absolute"
+                               else adapter.new_cache(self.batch_size, rope_mode=rope_mode))
         self.conditioning: Any = None
         self.chunk: int = -1
         self.trace: list[dict[str, Any]] = []
@@ -272,6 +279,13 @@ class Session:
         if self.recipe is not None:
             if self.recipe.restart is not None:
                 self.recipe.restart.check(self.model.frames_per_chunk)
+            if self.recipe.rolling is not None:
+                self.recipe.rolling.check(self.model.frames_per_chunk, len(self.sampler.sigmas()))
+            if getattr(self.cache, "rope_mode", "absolute") != self.recipe.rope_mode:
+                raise RolloutConfigError(
+                    f"recipe {self.recipe.name!r} needs a cache with rope_mode={self.recipe.rope_mode!r}, the "
+                    f"adapter gave {getattr(self.cache, 'rope_mode', 'absolute')!r}"
+                )
             num_frames = self.recipe.max_rope_frames(num_frames)
         self.adapter.check_rollout(num_frames, self.batch_size)
 
@@ -282,13 +296,18 @@ class Session:
         self.conditioning = self.adapter.encode_prompts(list(self.config.prompts))
         call_each(self.pm, "cachepolicy_session_start", session=self)
         try:
-            chunks = range(self.config.num_chunks)
-            if self.progress:
-                from tqdm.auto import tqdm
+            if self.recipe is not None and self.recipe.rolling is not None:
+                from cachepolicy.rolling import run_rolling
 
-                chunks = tqdm(chunks, desc="chunks", unit="chunk")
-            for chunk in chunks:
-                self._run_chunk(chunk)
+                run_rolling(self)
+            else:
+                chunks = range(self.config.num_chunks)
+                if self.progress:
+                    from tqdm.auto import tqdm
+
+                    chunks = tqdm(chunks, desc="chunks", unit="chunk")
+                for chunk in chunks:
+                    self._run_chunk(chunk)
         finally:
             call_each(self.pm, "cachepolicy_session_end", session=self)
         return self.result()
@@ -322,16 +341,22 @@ class Session:
             return frame_start
         return frame_start - restart.origin(chunk, self.model.frames_per_chunk)
 
-    def _forward(self, latent: torch.Tensor, timestep: float, frame_start: int, chunk: int, commit: bool,
-                 timer: list[float], rope_start: int | None = None) -> torch.Tensor:
-        timesteps = torch.full((self.batch_size, latent.shape[2]), float(timestep))
+    def _forward(self, latent: torch.Tensor, timestep: float | torch.Tensor, frame_start: int, chunk: int,
+                 commit: bool, timer: list[float], rope_start: int | None = None, **keys: Any) -> torch.Tensor:
+        """One adapter forward; ``timestep`` is one value or a ``[B, F]`` tensor; ``keys`` (``visible``,
+        ``rope_positions``) are passed on when not None."""
+        if isinstance(timestep, torch.Tensor):
+            timesteps = timestep
+        else:
+            timesteps = torch.full((self.batch_size, latent.shape[2]), float(timestep))
+        extra = {name: value for name, value in keys.items() if value is not None}
         sync = self.config.synchronize_timing and self.cache.device.type == "cuda"
         if sync:
             torch.cuda.synchronize(self.cache.device)
         start = time.perf_counter()
         out = self.adapter.forward(latent, timesteps, frame_start, chunk, self.cache, self.conditioning, commit,
                                    rope_start=self._rope_start(chunk, frame_start) if rope_start is None
-                                   else rope_start)
+                                   else rope_start, **extra)
         if sync:
             torch.cuda.synchronize(self.cache.device)
         timer[0] += time.perf_counter() - start
@@ -386,6 +411,15 @@ class Session:
             active = active_next
             attempt += 1
 
+        self._commit_chunk(chunk, candidate, noises[-1], attempt, restarts, pruned_by, recipe_record, forward_time,
+                           started)
+
+    def _commit_chunk(self, chunk: int, candidate: Candidate, context_noise: torch.Tensor, attempt: int,
+                      restarts: dict[str, list[int]], pruned_by: dict[str, int], recipe_record: dict[str, Any],
+                      forward_time: list[float], started: float, visible: torch.Tensor | None = None) -> None:
+        """Steps 3-5 for a finished chunk: ``before_commit``, the context pass (attending to ``visible``
+        resident tokens, None: all), selection and compaction, the trace record, ``chunk_end``."""
+        sampler, frames, frame_start = self.sampler, self.model.frames_per_chunk, candidate.frame_start
         latent = candidate.x0
         rewrites = [(name, out) for name, out in
                     call_each(self.pm, "cachepolicy_before_commit", session=self, candidate=candidate)
@@ -409,8 +443,8 @@ class Session:
         context = latent
         if sampler.context_noise > 0:
             s = sampler.context_noise / 1000.0
-            context = ((1.0 - s) * latent.float() + s * noises[-1].float()).to(latent.dtype)
-        self._forward(context, sampler.context_noise, frame_start, chunk, True, forward_time)
+            context = ((1.0 - s) * latent.float() + s * context_noise.float()).to(latent.dtype)
+        self._forward(context, sampler.context_noise, frame_start, chunk, True, forward_time, visible=visible)
 
         view = self.cache.view()
         selections: dict[str, Selection | None] = dict(

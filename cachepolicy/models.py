@@ -174,8 +174,12 @@ class ModelAdapter(abc.ABC):
         """Return the conditioning for a batch of prompts (adapter-specific, passed back to :meth:`forward`)."""
 
     @abc.abstractmethod
-    def new_cache(self, batch_size: int) -> KVCache:
-        """An empty cache on the model's device and dtype for ``batch_size`` samples."""
+    def new_cache(self, batch_size: int, *, rope_mode: str = "absolute") -> KVCache:
+        """An empty cache on the model's device and dtype for ``batch_size`` samples.
+
+        ``rope_mode``: ``"absolute"`` stores keys after RoPE at their positions; ``"raw"`` stores keys
+        before RoPE and :meth:`forward` rotates every key it reads (see :class:`~cachepolicy.cache.KVCache`).
+        """
 
     @abc.abstractmethod
     def check_rollout(self, num_frames: int, batch_size: int) -> None:
@@ -194,6 +198,8 @@ class ModelAdapter(abc.ABC):
         commit: bool,
         *,
         rope_start: int | None = None,
+        visible: torch.Tensor | None = None,
+        rope_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the model on one chunk against the resident cache.
 
@@ -209,6 +215,13 @@ class ModelAdapter(abc.ABC):
             rope_start: RoPE frame position of the chunk's first frame (None: ``frame_start``). Recipes
                 that restart positions (CausVid's long-video restarts) set it; the cache records it as
                 ``rope_pos`` while ``frame`` stays absolute.
+            visible: bool ``[B, S]`` (``S = cache.max_length``, aligned with ``cache.view()``): the resident
+                tokens this call attends to (None: all). The call's own tokens are always attended to.
+                Rolling Forcing's loop uses it to pick its anchor / working-cache keys.
+            rope_positions: long ``[B, S]``: the RoPE frame position each resident key is rotated to for
+                this call (None: its ``rope_pos``). Needs a ``rope_mode="raw"`` cache (raise
+                :class:`~cachepolicy.errors.ParameterError` otherwise); Rolling Forcing re-rotates its
+                anchor with it. Entries of invisible tokens are ignored.
 
         Returns:
             The model output (flow velocity) ``[B, C, F, H, W]`` in the model's dtype.

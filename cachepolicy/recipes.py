@@ -7,7 +7,9 @@ system and fixes the rest of its inference, as its repository does it:
 * its cache policies (composed with the user's; a user policy of the same name replaces the recipe's);
 * :class:`Recache`: LongLive's KV re-cache when the prompt switches mid-video;
 * :class:`Restart`: CausVid's long-video restarts, where each new rollout starts from the last frames of
-  the previous one at RoPE position 0.
+  the previous one at RoPE position 0;
+* :class:`Rolling`: Rolling Forcing's joint rolling window (a different loop, :mod:`cachepolicy.rolling`);
+* the cache's RoPE mode (``"raw"`` when the recipe re-rotates cached keys).
 
 Built-in recipes (``cachepolicy recipes`` lists them; semantics and sources in docs "Recipes"):
 
@@ -26,7 +28,11 @@ Built-in recipes (``cachepolicy recipes`` lists them; semantics and sources in d
     window holding a 3-frame sink (``attention-sink:frames=3`` + ``sliding-window:frames=6``), and a KV
     re-cache of the recent frames under the new prompt at each prompt switch.
 
-Rolling Forcing's joint window is a different loop and is not a recipe here yet.
+``rolling-forcing``
+    Rolling Forcing (arXiv 2509.25161), ``configs/rolling_forcing_dmd.yaml``,
+    ``pipeline/rolling_forcing_inference.py`` and ``wan/modules/causal_model.py`` at a1477d0: steps
+    1000/800/600/400/200 warped with shift 5, a rolling window of 5 blocks denoised jointly (one block per
+    step), a 3-frame anchor re-rotated to sit before the working cache, 21 attended frames.
 """
 
 from __future__ import annotations
@@ -130,6 +136,46 @@ class Restart:
 
 
 @attrs.frozen
+class Rolling:
+    """Rolling Forcing's joint rolling window (``pipeline/rolling_forcing_inference.py``).
+
+    With ``W`` denoising steps, window ``w`` holds blocks ``max(0, w-W+1) .. min(nb-1, w)``, block ``b`` at
+    step ``w - b``; one model call denoises the whole window bidirectionally. Only the window's oldest
+    (final) block is committed. Keys (frames): the anchor (the first ``anchor_frames`` frames) re-rotated to
+    sit just before the working cache, the working cache (the committed blocks before the window, as many
+    as fit in ``max_attention_frames`` next to the anchor and the window), and the window. The context pass
+    of block ``f`` sees the last ``max_attention_frames`` frames ending with ``f`` (the anchor at its own
+    positions while it is among them). See docs "Recipes".
+
+    Attributes:
+        anchor_frames: frames kept as the anchor (Rolling Forcing: the first block, 3 frames).
+        max_attention_frames: frames a query attends to at most (Rolling Forcing: 21).
+    """
+
+    anchor_frames: int = attrs.field(default=3, validator=_positive)
+    max_attention_frames: int = attrs.field(default=21, validator=_positive)
+
+    def check(self, frames_per_chunk: int, num_steps: int) -> None:
+        """Raise :class:`RolloutConfigError` unless the anchor is one chunk and a full window fits."""
+        if self.anchor_frames != frames_per_chunk:
+            raise RolloutConfigError(
+                f"Rolling.anchor_frames={self.anchor_frames} must be one chunk ({frames_per_chunk} frames): the "
+                f"anchor is the first block"
+            )
+        if self.max_attention_frames < (num_steps + 1) * frames_per_chunk:
+            raise RolloutConfigError(
+                f"Rolling.max_attention_frames={self.max_attention_frames} cannot hold the anchor and a window of "
+                f"{num_steps} blocks of {frames_per_chunk} frames"
+            )
+
+    def working_blocks(self, first: int, num_blocks: int, frames_per_chunk: int) -> int:
+        """Committed blocks before the window (after the anchor) that a window call with first block
+        ``first`` and ``num_blocks`` blocks attends to."""
+        room = (self.max_attention_frames - num_blocks * frames_per_chunk - self.anchor_frames) // frames_per_chunk
+        return max(0, min(first - 1, room))
+
+
+@attrs.frozen
 class Recipe:
     """A system's inference loop around the engine.
 
@@ -142,6 +188,8 @@ class Recipe:
             same name replaces the recipe's).
         recache: re-cache at prompt switches (LongLive), or None (the prompt just changes).
         restart: long-video restarts (CausVid), or None.
+        rolling: Rolling Forcing's joint rolling window, or None (the engine's per-chunk loop).
+        rope_mode: the cache's RoPE mode, ``"absolute"`` or ``"raw"`` (keys rotated on read).
     """
 
     name: str
@@ -151,10 +199,20 @@ class Recipe:
     policies: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     recache: Recache | None = None
     restart: Restart | None = None
+    rolling: Rolling | None = None
+    rope_mode: str = "absolute"
 
     def __attrs_post_init__(self) -> None:
         if self.recache is not None and self.restart is not None:
             raise ParameterError(f"recipe {self.name!r}: a recipe cannot both re-cache and restart")
+        if self.rolling is not None and (self.recache is not None or self.restart is not None):
+            raise ParameterError(f"recipe {self.name!r}: a rolling window cannot be combined with a re-cache "
+                                 f"or restarts")
+        if self.rope_mode not in ("absolute", "raw"):
+            raise ParameterError(f"recipe {self.name!r}: rope_mode must be 'absolute' or 'raw', got {self.rope_mode!r}")
+        if self.rolling is not None and self.rope_mode != "raw":
+            raise ParameterError(f"recipe {self.name!r}: a rolling window re-rotates its anchor and needs "
+                                 f"rope_mode='raw'")
 
     def max_rope_frames(self, num_frames: int) -> int:
         """The largest RoPE frame position + 1 that a rollout of ``num_frames`` latent frames uses."""
@@ -170,6 +228,8 @@ class Recipe:
             "policies": list(self.policies),
             "recache": None if self.recache is None else attrs.asdict(self.recache),
             "restart": None if self.restart is None else attrs.asdict(self.restart),
+            "rolling": None if self.rolling is None else attrs.asdict(self.rolling),
+            "rope_mode": self.rope_mode,
         }
 
 
@@ -197,6 +257,17 @@ RECIPES: dict[str, Recipe] = {
             sampler=Sampler(denoising_steps=(1000, 750, 500, 250), shift=5.0, warp=True, context_noise=0.0),
             policies=("attention-sink:frames=3", "sliding-window:frames=6"),
             recache=Recache(window_frames=12, sink_frames=3),
+        ),
+        Recipe(
+            name="rolling-forcing",
+            summary="Rolling Forcing: 5 blocks denoised jointly in a rolling window, re-rotated 3-frame anchor, "
+                    "21 attended frames",
+            source="TencentARC/RollingForcing@a1477d0 configs/rolling_forcing_dmd.yaml, "
+                   "pipeline/rolling_forcing_inference.py, wan/modules/causal_model.py",
+            sampler=Sampler(denoising_steps=(1000, 800, 600, 400, 200), shift=5.0, warp=True, context_noise=0.0),
+            policies=("attention-sink:frames=3", "sliding-window:frames=18"),
+            rolling=Rolling(anchor_frames=3, max_attention_frames=21),
+            rope_mode="raw",
         ),
     )
 }

@@ -39,6 +39,7 @@ from cachepolicy.adapters.wan.adapter import (
     AbsoluteRopeHook,
     ForwardState,
     block_causal_mask,
+    raw_key_rotary,
     cast_model,
 )
 from cachepolicy.cache import KVCache, metadata_for_chunk
@@ -178,11 +179,12 @@ class SkyReelsV2Adapter(ModelAdapter):
         param = self.model.patch_embedding.weight
         return self.text_encoder(list(prompts)).to(device=param.device, dtype=param.dtype)
 
-    def new_cache(self, batch_size: int) -> KVCache:
+    def new_cache(self, batch_size: int, *, rope_mode: str = "absolute") -> KVCache:
         info = self.info
         param = self.model.patch_embedding.weight
         return KVCache(info.num_layers, batch_size, info.num_heads, info.head_dim, info.token_cols,
-                       device=param.device, dtype=param.dtype, capacity=2 * info.tokens_per_chunk)
+                       device=param.device, dtype=param.dtype, capacity=2 * info.tokens_per_chunk,
+                       rope_mode=rope_mode)
 
     def check_rollout(self, num_frames: int, batch_size: int) -> None:
         limit = self.info.max_frames
@@ -212,13 +214,14 @@ class SkyReelsV2Adapter(ModelAdapter):
 
     def forward(self, latent: torch.Tensor, timesteps: torch.Tensor, frame_start: int, chunk: int,
                 cache: KVCache, conditioning: torch.Tensor, commit: bool, *,
-                rope_start: int | None = None) -> torch.Tensor:
+                rope_start: int | None = None, visible: torch.Tensor | None = None,
+                rope_positions: torch.Tensor | None = None) -> torch.Tensor:
         info = self.info
         rope_start = frame_start if rope_start is None else rope_start
         num_frames = latent.shape[2]
         cache.reserve(num_frames * info.tokens_per_frame)
         out = self._run(latent, timesteps, rope_start, cache, conditioning,
-                        cache.key_mask(num_frames * info.tokens_per_frame))
+                        cache.key_mask(num_frames * info.tokens_per_frame, visible), rope_positions=rope_positions)
         if commit:
             cache.commit(metadata_for_chunk(latent.shape[0], frame_start, num_frames, info.token_rows,
                                             info.token_cols, chunk, rope_start=rope_start, device=cache.device))
@@ -237,7 +240,8 @@ class SkyReelsV2Adapter(ModelAdapter):
         return cache.replace_frames(frame_start, num_frames, self.info.tokens_per_frame)
 
     def _run(self, latent: torch.Tensor, timesteps: torch.Tensor, rope_start: int, cache: KVCache,
-             conditioning: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+             conditioning: torch.Tensor, key_mask: torch.Tensor | None, *,
+             rope_positions: torch.Tensor | None = None) -> torch.Tensor:
         """One model call on ``latent`` whose K/V go to the provisional slot; ``key_mask`` (``[B, 1, 1, S + n]``
         or None) says which cached keys each sample sees."""
         info = self.info
@@ -268,6 +272,8 @@ class SkyReelsV2Adapter(ModelAdapter):
             key_mask = full if key_mask is None else full & key_mask
         state.key_mask = key_mask
         state.rotary = self.rotary(rope_start, num_frames)
+        state.key_rotary = raw_key_rotary(cache, num_frames, rope_start, info.token_rows, info.token_cols,
+                                          self._cos, self._sin, rope_positions, info.max_frames)
         try:
             return masked_forward(self.model, latent, timesteps.to(device=latent.device, dtype=torch.float32),
                                   conditioning, None, fps=self.fps)

@@ -8,8 +8,11 @@ Semantics (Self Forcing's, see docs "Concepts"):
   the :class:`~cachepolicy.cache.KVCache` and attends to ``[resident context, own chunk]``.
 * RoPE: diffusers' ``WanRotaryPosEmbed`` always starts at frame 0. A ``diffusers.hooks.ModelHook`` on
   ``model.rope`` returns the rotary tables of the chunk's *absolute* frame positions instead, indexed out
-  of the module's own ``freqs_cos``/``freqs_sin`` buffers (bit-identical to a full forward). Keys are stored
-  after RoPE, so cached keys keep their absolute positions.
+  of the module's own ``freqs_cos``/``freqs_sin`` buffers (bit-identical to a full forward). In the
+  cache's default ``rope_mode="absolute"`` keys are stored after RoPE, so cached keys keep their absolute
+  positions. In ``rope_mode="raw"`` keys are stored before RoPE and every key attended to is rotated on
+  read with per-token tables gathered once per forward from (rope position, row, col): resident tokens at
+  their ``rope_pos`` (or the positions the forward overrides), the call's own tokens at its positions.
 * Timesteps: one per latent frame; a chunk whose frames share one timestep passes a ``(B,)`` timestep,
   otherwise a ``(B, L)`` per-token timestep (each frame's value repeated over its tokens), which diffusers
   supports and which reproduces Self Forcing's per-frame modulation.
@@ -58,6 +61,8 @@ class ForwardState:
         self.write_index: Any = None
         self.key_mask: torch.Tensor | None = None
         self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: raw mode: tables ``[B, S + n, 1, D]`` for every key read (None: keys are stored after RoPE)
+        self.key_rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def clear(self) -> None:
         self.__init__()
@@ -77,7 +82,8 @@ class AbsoluteRopeHook(ModelHook):
 
 
 class CachedWanAttnProcessor:
-    """Self-attention of one Wan block against the KV cache (keys stored after RoPE)."""
+    """Self-attention of one Wan block against the KV cache (keys stored after RoPE, or raw and rotated
+    on read when the forward state carries key tables)."""
 
     _attention_backend = None
     _parallel_config = None
@@ -105,12 +111,16 @@ class CachedWanAttnProcessor:
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
+        key_rotary = state.key_rotary
         if rotary_emb is not None:
             query = apply_rotary(query, *rotary_emb)
-            key = apply_rotary(key, *rotary_emb)
+            if key_rotary is None:
+                key = apply_rotary(key, *rotary_emb)
         cache = state.cache
         cache.write(self.layer, key, value, state.write_index)
         keys, values = cache.read(self.layer, state.num_tokens)
+        if key_rotary is not None:
+            keys = apply_rotary(keys, *key_rotary)
         out = dispatch_attention_fn(
             query, keys, values, attn_mask=state.key_mask, dropout_p=0.0, is_causal=False,
             backend=self._attention_backend,
@@ -165,6 +175,35 @@ def _suspend_rope_hook(model: torch.nn.Module):
         return lambda: None
     registry.remove_hook(ROPE_HOOK_NAME, recurse=False)
     return lambda: registry.register_hook(hook, ROPE_HOOK_NAME)
+
+
+def raw_key_rotary(cache: KVCache, num_frames: int, rope_start: int, token_rows: int, token_cols: int,
+                   cos_tables: Sequence[torch.Tensor], sin_tables: Sequence[torch.Tensor],
+                   rope_positions: torch.Tensor | None, max_frames: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-key RoPE tables ``[B, S + n, 1, head_dim]`` for a raw-mode cache (None in absolute mode).
+
+    Built once per adapter forward: every key position gets the tables of its (rope position, row, col),
+    resident tokens at their ``rope_pos`` or ``rope_positions`` (``[B, S]``), the call's own ``n`` tokens
+    at ``rope_start ..``. ``cos_tables``/``sin_tables`` are the rotary module's per-axis tables.
+    """
+    if cache.rope_mode != "raw":
+        if rope_positions is not None:
+            raise ParameterError("rope_positions re-rotate cached keys: they need a cache with rope_mode='raw' "
+                                 "(keys are stored after RoPE in the default 'absolute' mode)")
+        return None
+    if rope_positions is not None and rope_positions.numel() and (
+            int(rope_positions.min()) < 0 or int(rope_positions.max()) >= max_frames):
+        raise RolloutConfigError(f"override RoPE positions {int(rope_positions.min())}..{int(rope_positions.max())} "
+                                 f"are outside the model's table of {max_frames} frames")
+    own = metadata_for_chunk(cache.batch_size, rope_start, num_frames, token_rows, token_cols, 0,
+                             device=cache.device)
+    meta = cache.key_positions(own, rope_positions)
+    device = cos_tables[0].device
+    pos, row, col = (meta[name].to(device) for name in ("rope_pos", "row", "col"))
+    out = []
+    for tables in (cos_tables, sin_tables):
+        out.append(torch.cat([tables[0][pos], tables[1][row], tables[2][col]], dim=-1).unsqueeze(2))
+    return out[0], out[1]
 
 
 def block_causal_mask(frames_per_block: int, num_frames: int, tokens_per_frame: int,
@@ -261,11 +300,12 @@ class WanAdapter(ModelAdapter):
         param = self.model.patch_embedding.weight
         return embeddings.to(device=param.device, dtype=param.dtype)
 
-    def new_cache(self, batch_size: int) -> KVCache:
+    def new_cache(self, batch_size: int, *, rope_mode: str = "absolute") -> KVCache:
         info = self.info
         param = self.model.patch_embedding.weight
         return KVCache(info.num_layers, batch_size, info.num_heads, info.head_dim, info.token_cols,
-                       device=param.device, dtype=param.dtype, capacity=2 * info.tokens_per_chunk)
+                       device=param.device, dtype=param.dtype, capacity=2 * info.tokens_per_chunk,
+                       rope_mode=rope_mode)
 
     def check_rollout(self, num_frames: int, batch_size: int) -> None:
         limit = self.info.max_frames
@@ -295,12 +335,14 @@ class WanAdapter(ModelAdapter):
 
     def forward(self, latent: torch.Tensor, timesteps: torch.Tensor, frame_start: int, chunk: int,
                 cache: KVCache, conditioning: torch.Tensor, commit: bool, *,
-                rope_start: int | None = None) -> torch.Tensor:
+                rope_start: int | None = None, visible: torch.Tensor | None = None,
+                rope_positions: torch.Tensor | None = None) -> torch.Tensor:
         rope_start = frame_start if rope_start is None else rope_start
         num_frames = latent.shape[2]
         num_tokens = num_frames * self.info.tokens_per_frame
         cache.reserve(num_tokens)
-        out = self._run(latent, timesteps, rope_start, cache, conditioning, cache.key_mask(num_tokens))
+        out = self._run(latent, timesteps, rope_start, cache, conditioning, cache.key_mask(num_tokens, visible),
+                        rope_positions=rope_positions)
         if commit:
             info = self.info
             cache.commit(metadata_for_chunk(latent.shape[0], frame_start, num_frames, info.token_rows,
@@ -318,9 +360,11 @@ class WanAdapter(ModelAdapter):
         return cache.replace_frames(frame_start, num_frames, self.info.tokens_per_frame)
 
     def _run(self, latent: torch.Tensor, timesteps: torch.Tensor, rope_start: int, cache: KVCache,
-             conditioning: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+             conditioning: torch.Tensor, key_mask: torch.Tensor | None, *,
+             rope_positions: torch.Tensor | None = None) -> torch.Tensor:
         """One model call on ``latent`` ``[B, C, F, H, W]`` whose keys/values go to the provisional slot;
-        ``key_mask`` (``[B, 1, 1, S + n]`` or None) says which cached keys each sample sees."""
+        ``key_mask`` (``[B, 1, 1, S + n]`` or None) says which cached keys each sample sees;
+        ``rope_positions`` (``[B, S]``, raw mode) re-rotates resident keys."""
         info = self.info
         batch, channels, num_frames, height, width = latent.shape
         if (channels, height, width) != (info.latent_channels, info.latent_height, info.latent_width):
@@ -346,6 +390,8 @@ class WanAdapter(ModelAdapter):
         state.write_index = cache.write_index(num_tokens)
         state.key_mask = key_mask
         state.rotary = self.rotary(frames)
+        state.key_rotary = raw_key_rotary(cache, num_frames, rope_start, info.token_rows, info.token_cols,
+                                          self._cos, self._sin, rope_positions, info.max_frames)
         if bool((timesteps == timesteps[:, :1]).all()):
             timestep = timesteps[:, 0].to(device=device, dtype=torch.float32)
         else:

@@ -67,6 +67,38 @@ def test_non_uniform_batch_writes_and_masks_per_sample():
     assert positions.tolist() == [[2, 3], [3, 4]]
 
 
+def test_visible_restricts_resident_keys_uniform_and_not():
+    cache = KVCache(1, 2, 1, 1, token_cols=1)
+    commit_chunk(cache, 0, frames=3, rows=1, cols=1)
+    visible = torch.tensor([[True, False, True], [False, False, True]])
+    mask = cache.key_mask(2, visible)
+    assert mask[:, 0, 0].tolist() == [[True, False, True, True, True], [False, False, True, True, True]]
+    cache.compact(torch.tensor([[True, False, True], [True, True, True]]))
+    mask = cache.key_mask(2, torch.tensor([[False, True, True], [True, False, True]]))
+    # sample 0: resident [0, 2) (position 0 hidden), own [2, 4); sample 1: resident [0, 3), own [3, 5)
+    assert mask[:, 0, 0].tolist() == [[False, True, True, True, False], [True, False, True, True, True]]
+    with pytest.raises(CacheShapeError, match="visible mask of shape"):
+        cache.key_mask(2, torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_key_positions_take_resident_metadata_overrides_and_the_own_slot():
+    cache = KVCache(1, 2, 1, 1, token_cols=2, rope_mode="raw")
+    assert cache.rope_mode == "raw" and KVCache(1, 1, 1, 1, token_cols=1).rope_mode == "absolute"
+    commit_chunk(cache, 0, frames=1, rows=1, cols=2)  # frame 0: tokens (row 0, col 0), (row 0, col 1)
+    commit_chunk(cache, 1, frames=1, rows=1, cols=2)  # frame 1
+    cache.compact(torch.tensor([[True, True, True, True], [False, True, True, True]]))  # non-uniform
+    own = metadata_for_chunk(2, 5, 1, 1, 2, 0)
+    cache.reserve(2)
+    override = cache.view().rope_pos + 10
+    pos = cache.key_positions(own, override)
+    assert pos["rope_pos"][0].tolist() == [10, 10, 11, 11, 5, 5]
+    assert pos["rope_pos"][1, :5].tolist() == [10, 11, 11, 5, 5]  # own slot right after its 3 tokens
+    assert pos["col"][1, :5].tolist() == [1, 0, 1, 0, 1]
+    assert cache.key_positions(own)["rope_pos"][0].tolist() == [0, 0, 1, 1, 5, 5]
+    with pytest.raises(CacheShapeError, match="rope_mode must be one of absolute, raw"):
+        KVCache(1, 1, 1, 1, token_cols=1, rope_mode="relative")
+
+
 def test_growth_is_geometric_and_stops_under_a_window():
     cache = KVCache(1, 1, 1, 1, token_cols=4)
     for chunk in range(40):

@@ -82,7 +82,7 @@ def test_run_with_a_recipe_and_a_prompt_switch(tmp_path, capsys):
 def test_recipes_lists_the_built_in_recipes(capsys):
     assert main(["recipes", "--json"]) == 0
     recipes = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert set(recipes) == {"self-forcing", "causvid", "longlive"}
+    assert set(recipes) == {"self-forcing", "causvid", "longlive", "rolling-forcing"}
     assert recipes["causvid"]["sampler"]["timesteps"] == [1000.0, 757.0, 522.0]
     assert recipes["longlive"]["recache"] == {"window_frames": 12, "sink_frames": 3}
     with pytest.raises(SystemExit):

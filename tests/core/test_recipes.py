@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cachepolicy.errors import ParameterError, RolloutConfigError, UnknownNameError
-from cachepolicy.recipes import Recache, Recipe, Restart, get_recipe, merge_policy_specs
+from cachepolicy.recipes import Recache, Recipe, Restart, Rolling, get_recipe, merge_policy_specs
 
 
 def test_causvid_restart_positions_by_hand():
@@ -49,3 +49,31 @@ def test_recipe_names_and_policy_merging():
     with pytest.raises(ParameterError, match="cannot both re-cache and restart"):
         Recipe(name="x", summary="", recache=Recache(), restart=Restart())
     assert get_recipe("causvid").max_rope_frames(300) == 21 and get_recipe("longlive").max_rope_frames(300) == 300
+
+
+def test_rolling_forcing_working_cache_by_hand():
+    rolling = Rolling(anchor_frames=3, max_attention_frames=21)
+    # n_work = min(f - 1, (21 - 3 * blocks - 3) // 3): a full window of 5 blocks leaves room for 1 block
+    assert rolling.working_blocks(8, 5, 3) == 1
+    assert rolling.working_blocks(8, 3, 3) == 3 and rolling.working_blocks(8, 1, 3) == 5
+    assert rolling.working_blocks(1, 5, 3) == 0 and rolling.working_blocks(2, 2, 3) == 1
+    # anchor positions 3f - 3 n_work - 3 of the window starting at block 9 (5 blocks): 21..23
+    assert 3 * 9 - 3 * rolling.working_blocks(9, 5, 3) - 3 == 21
+    rolling.check(3, 5)
+    with pytest.raises(RolloutConfigError, match="anchor_frames=6 must be one chunk"):
+        Rolling(anchor_frames=6).check(3, 5)
+    with pytest.raises(RolloutConfigError, match="cannot hold the anchor and a window of 6 blocks"):
+        Rolling(max_attention_frames=18).check(3, 6)
+
+
+def test_rolling_forcing_recipe_fields():
+    recipe = get_recipe("rolling-forcing")
+    assert recipe.rope_mode == "raw" and recipe.rolling == Rolling(3, 21)
+    assert recipe.to_json()["rolling"] == {"anchor_frames": 3, "max_attention_frames": 21}
+    assert get_recipe("longlive").to_json()["rope_mode"] == "absolute"
+    assert merge_policy_specs(recipe, ["tokentrim"]) == [
+        "attention-sink:frames=3", "sliding-window:frames=18", "tokentrim"]
+    with pytest.raises(ParameterError, match="needs rope_mode='raw'"):
+        Recipe(name="x", summary="", rolling=Rolling())
+    with pytest.raises(ParameterError, match="rope_mode must be 'absolute' or 'raw'"):
+        Recipe(name="x", summary="", rope_mode="relative")
