@@ -26,25 +26,21 @@ adapter runs it chunk by chunk against the project's :class:`~cachepolicy.cache.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from diffusers import SkyReelsV2Transformer3DModel
-from diffusers.hooks import HookRegistry
 from diffusers.models.transformers.transformer_skyreels_v2 import SkyReelsV2AttnProcessor
 
 from cachepolicy.adapters.wan.adapter import (
     CachedWanAttnProcessor,
-    AbsoluteRopeHook,
     ForwardState,
+    WanAdapter,
     block_causal_mask,
-    raw_key_rotary,
     cast_model,
 )
-from cachepolicy.cache import KVCache, metadata_for_chunk
-from cachepolicy.errors import CacheShapeError, ParameterError, RolloutConfigError
-from cachepolicy.models import ModelAdapter, ModelInfo, Sampler
+from cachepolicy.errors import CacheShapeError, ParameterError
+from cachepolicy.models import Sampler
 
 ROPE_HOOK_NAME = "cachepolicy_skyreels_absolute_rope"
 
@@ -104,8 +100,12 @@ def masked_forward(model: SkyReelsV2Transformer3DModel, hidden_states: torch.Ten
             block.attn1.set_processor(processor)
 
 
-class SkyReelsV2Adapter(ModelAdapter):
+class SkyReelsV2Adapter(WanAdapter):
     """KV-cached autoregressive rollouts of any text-to-video ``SkyReelsV2Transformer3DModel`` config.
+
+    The Wan adapter's machinery (cache reads and writes, absolute or raw RoPE, re-encoding, visibility and
+    position overrides) with SkyReels' model call: diffusion-forcing timesteps ``[B, F]``, the fps embedding,
+    and its causal blocks inside a chunk.
 
     Args:
         model: the stock diffusers model (its ``attn1`` processors are swapped; see :meth:`detach`).
@@ -118,25 +118,17 @@ class SkyReelsV2Adapter(ModelAdapter):
         sampler: the model's default denoising recipe.
     """
 
+    model_class = SkyReelsV2Transformer3DModel
+    family = "skyreels"
+    processor_class = CachedSkyReelsAttnProcessor
+    rope_hook_name = ROPE_HOOK_NAME
+
     def __init__(self, model: SkyReelsV2Transformer3DModel, *, name: str, latent_size: tuple[int, int],
                  text_encoder: Any, frames_per_chunk: int | None = None, fps: int = 24,
                  sampler: Sampler | None = None) -> None:
-        if not isinstance(model, SkyReelsV2Transformer3DModel):
-            raise ParameterError(
-                f"SkyReelsV2Adapter wraps a diffusers SkyReelsV2Transformer3DModel, got {type(model).__name__}"
-            )
-        config = model.config
-        p_t, p_h, p_w = config.patch_size
-        height, width = latent_size
-        if p_t != 1:
-            raise ParameterError(f"patch_size {tuple(config.patch_size)}: chunked rollouts need a temporal patch of 1")
-        if height % p_h or width % p_w:
-            raise ParameterError(f"latent size {height}x{width} is not divisible by the patch size {p_h}x{p_w}")
-        if config.added_kv_proj_dim is not None or config.image_dim is not None:
-            raise ParameterError("image-conditioned SkyReels-V2 models (I2V) are not supported yet")
         if fps not in FPS_INDEX:
             raise ParameterError(f"fps={fps!r}: SkyReels-V2 knows {sorted(FPS_INDEX)} fps")
-        block = config.num_frame_per_block
+        block = getattr(getattr(model, "config", None), "num_frame_per_block", 1)
         if frames_per_chunk is None:
             frames_per_chunk = block if block > 1 else 5
         if block > 1 and frames_per_chunk % block:
@@ -144,148 +136,25 @@ class SkyReelsV2Adapter(ModelAdapter):
                 f"frames_per_chunk={frames_per_chunk} is not a multiple of the model's causal block of {block} "
                 f"frames (num_frame_per_block); set causal_block_size= to a divisor"
             )
-        self.model = model.eval()
-        self.text_encoder = text_encoder
         self.fps = fps
-        param = model.patch_embedding.weight
-        self.info = ModelInfo(
-            name=name, adapter="skyreels", frames_per_chunk=frames_per_chunk,
-            latent_channels=config.in_channels, latent_height=height, latent_width=width,
-            token_rows=height // p_h, token_cols=width // p_w, num_layers=config.num_layers,
-            num_heads=config.num_attention_heads, head_dim=config.attention_head_dim,
-            max_frames=config.rope_max_seq_len, device=str(param.device),
-            dtype=str(param.dtype).removeprefix("torch."), sampler=sampler or Sampler(),
-        )
-        self._state = ForwardState()
-        self._original_processors = [block.attn1.processor for block in model.blocks]
-        for layer, blk in enumerate(model.blocks):
-            blk.attn1.set_processor(CachedSkyReelsAttnProcessor(layer, self._state))
-        registry = HookRegistry.check_if_exists_or_initialize(model.rope)
-        registry.register_hook(AbsoluteRopeHook(self._state), ROPE_HOOK_NAME)
-        rope = model.rope
-        split = [rope.t_dim, rope.h_dim, rope.w_dim]
-        self._cos = rope.freqs_cos.split(split, dim=1)
-        self._sin = rope.freqs_sin.split(split, dim=1)
-
-    def detach(self) -> SkyReelsV2Transformer3DModel:
-        """Restore the model's stock processors and RoPE; returns the model."""
-        for blk, processor in zip(self.model.blocks, self._original_processors):
-            blk.attn1.set_processor(processor)
-        HookRegistry.check_if_exists_or_initialize(self.model.rope).remove_hook(ROPE_HOOK_NAME, recurse=False)
-        return self.model
-
-    # ------------------------------------------------------------------------------------- contract
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        param = self.model.patch_embedding.weight
-        return self.text_encoder(list(prompts)).to(device=param.device, dtype=param.dtype)
-
-    def new_cache(self, batch_size: int, *, rope_mode: str = "absolute") -> KVCache:
-        info = self.info
-        param = self.model.patch_embedding.weight
-        return KVCache(info.num_layers, batch_size, info.num_heads, info.head_dim, info.token_cols,
-                       device=param.device, dtype=param.dtype, capacity=2 * info.tokens_per_chunk,
-                       rope_mode=rope_mode)
-
-    def check_rollout(self, num_frames: int, batch_size: int) -> None:
-        limit = self.info.max_frames
-        if num_frames > limit or max(self.info.token_rows, self.info.token_cols) > limit:
-            raise RolloutConfigError(
-                f"a rollout of {num_frames} latent frames on a {self.info.token_rows}x{self.info.token_cols} token "
-                f"grid passes the model's rope_max_seq_len={limit}: generate at most "
-                f"{limit // self.info.frames_per_chunk} chunks"
-            )
-
-    def rotary(self, rope_start: int, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE tables ``[1, F * rows * cols, 1, head_dim]`` of frames ``rope_start .. rope_start + F - 1``."""
-        rows, cols = self.info.token_rows, self.info.token_cols
-        device = self._cos[0].device
-        f = torch.arange(rope_start, rope_start + num_frames, device=device).repeat_interleave(rows * cols)
-        h = torch.arange(rows, device=device).repeat_interleave(cols).repeat(num_frames)
-        w = torch.arange(cols, device=device).repeat(num_frames * rows)
-        return tuple(torch.cat([t[f], hh[h], ww[w]], dim=-1)[None, :, None]  # type: ignore[return-value]
-                     for t, hh, ww in (self._cos, self._sin))
+        super().__init__(model, name=name, latent_size=latent_size, text_encoder=text_encoder,
+                         frames_per_chunk=frames_per_chunk, sampler=sampler)
 
     def chunk_mask(self, num_frames: int, device: torch.device | str) -> torch.Tensor | None:
         """Bool ``[1, 1, n, n]`` in-chunk mask (stock causal blocks), or None when the chunk is bidirectional."""
         block = self.model.config.num_frame_per_block
+        if block > 1 and num_frames % block:
+            raise CacheShapeError(f"a chunk of {num_frames} frames is not a whole number of causal blocks of {block}")
         if block <= 1 or block >= num_frames:
             return None
         return block_causal_mask(block, num_frames, self.info.tokens_per_frame, device=device)
 
-    def forward(self, latent: torch.Tensor, timesteps: torch.Tensor, frame_start: int, chunk: int,
-                cache: KVCache, conditioning: torch.Tensor, commit: bool, *,
-                rope_start: int | None = None, visible: torch.Tensor | None = None,
-                rope_positions: torch.Tensor | None = None) -> torch.Tensor:
-        info = self.info
-        rope_start = frame_start if rope_start is None else rope_start
-        num_frames = latent.shape[2]
-        cache.reserve(num_frames * info.tokens_per_frame)
-        out = self._run(latent, timesteps, rope_start, cache, conditioning,
-                        cache.key_mask(num_frames * info.tokens_per_frame, visible), rope_positions=rope_positions)
-        if commit:
-            cache.commit(metadata_for_chunk(latent.shape[0], frame_start, num_frames, info.token_rows,
-                                            info.token_cols, chunk, rope_start=rope_start, device=cache.device))
-        return out
+    _chunk_mask = chunk_mask
 
-    def reencode(self, latent: torch.Tensor, timesteps: torch.Tensor, frame_start: int, cache: KVCache,
-                 conditioning: torch.Tensor, *, rope_start: int | None = None) -> int:
-        """LongLive's KV re-cache: new K/V for resident frames ``frame_start ..`` (see the contract); inside
-        the re-encoded frames the stock causal-block structure applies, as in :meth:`forward`."""
-        rope_start = frame_start if rope_start is None else rope_start
-        num_frames = latent.shape[2]
-        num_tokens = num_frames * self.info.tokens_per_frame
-        cache.reserve(num_tokens)
-        self._run(latent, timesteps, rope_start, cache, conditioning,
-                  cache.reencode_mask(num_tokens, frame_start, num_frames))
-        return cache.replace_frames(frame_start, num_frames, self.info.tokens_per_frame)
-
-    def _run(self, latent: torch.Tensor, timesteps: torch.Tensor, rope_start: int, cache: KVCache,
-             conditioning: torch.Tensor, key_mask: torch.Tensor | None, *,
-             rope_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """One model call on ``latent`` whose K/V go to the provisional slot; ``key_mask`` (``[B, 1, 1, S + n]``
-        or None) says which cached keys each sample sees."""
-        info = self.info
-        batch, channels, num_frames, height, width = latent.shape
-        if (channels, height, width) != (info.latent_channels, info.latent_height, info.latent_width):
-            raise CacheShapeError(f"latent of shape {tuple(latent.shape)} does not match the model's "
-                                  f"[B, {info.latent_channels}, F, {info.latent_height}, {info.latent_width}]")
-        if batch != cache.batch_size or conditioning.shape[0] != batch or tuple(timesteps.shape) != (batch, num_frames):
-            raise CacheShapeError(
-                f"latent {tuple(latent.shape)}, timesteps {tuple(timesteps.shape)} (want [B, F]), conditioning for "
-                f"{conditioning.shape[0]} samples and a cache of {cache.batch_size} samples do not agree"
-            )
-        block = self.model.config.num_frame_per_block
-        if block > 1 and num_frames % block:
-            raise CacheShapeError(f"a chunk of {num_frames} frames is not a whole number of causal blocks of {block}")
-        if rope_start < 0 or rope_start + num_frames > info.max_frames:
-            raise RolloutConfigError(f"RoPE frame positions {rope_start}..{rope_start + num_frames - 1} are outside "
-                                     f"the model's table of {info.max_frames} frames")
-        num_tokens = num_frames * info.tokens_per_frame
-        state = self._state
-        state.cache = cache
-        state.num_tokens = num_tokens
-        state.write_index = cache.write_index(num_tokens)
-        own = self.chunk_mask(num_frames, cache.device)
-        if own is not None:  # cached context as key_mask says, causal blocks inside the chunk
-            context = torch.ones(1, 1, num_tokens, cache.max_length, dtype=torch.bool, device=cache.device)
-            full = torch.cat([context, own], dim=-1)
-            key_mask = full if key_mask is None else full & key_mask
-        state.key_mask = key_mask
-        state.rotary = self.rotary(rope_start, num_frames)
-        state.key_rotary = raw_key_rotary(cache, num_frames, rope_start, info.token_rows, info.token_cols,
-                                          self._cos, self._sin, rope_positions, info.max_frames)
-        try:
-            return masked_forward(self.model, latent, timesteps.to(device=latent.device, dtype=torch.float32),
-                                  conditioning, None, fps=self.fps)
-        finally:
-            state.clear()
-
-    def token_grid(self, latent: torch.Tensor) -> torch.Tensor:
-        """``[B, C, F, H, W]`` -> ``[B, F, N, C * p_h * p_w]`` (row-major token grid, like Wan)."""
-        _, p_h, p_w = self.model.config.patch_size
-        rows, cols = self.info.token_rows, self.info.token_cols
-        grid = latent.unflatten(4, (cols, p_w)).unflatten(3, (rows, p_h))  # B, C, F, rows, p_h, cols, p_w
-        return grid.permute(0, 2, 3, 5, 1, 4, 6).flatten(4).flatten(2, 3)
+    def _model_call(self, latent: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        """SkyReels' diffusion-forcing forward: per-frame timesteps ``[B, F]`` and the fps embedding."""
+        return masked_forward(self.model, latent, timesteps.to(device=latent.device, dtype=torch.float32),
+                              conditioning, None, fps=self.fps)
 
 
 # ------------------------------------------------------------------------------------------ loaders

@@ -227,6 +227,14 @@ class WanAdapter(ModelAdapter):
         decoder: callable ``latents [B, C, F, H, W] -> pixels [B, F', 3, H', W']`` in [0, 1] (a VAE), or None.
     """
 
+    #: the diffusers class this adapter wraps, the family name in :class:`ModelInfo`, the cached processor
+    #: swapped into every ``attn1`` and the name of the RoPE hook (a subclass for a Wan-architecture family
+    #: such as SkyReels-V2 overrides these and :meth:`_model_call` / :meth:`_chunk_mask`)
+    model_class: type = WanTransformer3DModel
+    family = "wan"
+    processor_class: type = CachedWanAttnProcessor
+    rope_hook_name = ROPE_HOOK_NAME
+
     def __init__(
         self,
         model: WanTransformer3DModel,
@@ -238,8 +246,10 @@ class WanAdapter(ModelAdapter):
         sampler: Sampler | None = None,
         decoder: Any = None,
     ) -> None:
-        if not isinstance(model, WanTransformer3DModel):
-            raise ParameterError(f"WanAdapter wraps a diffusers WanTransformer3DModel, got {type(model).__name__}")
+        if not isinstance(model, self.model_class):
+            raise ParameterError(
+                f"{type(self).__name__} wraps a diffusers {self.model_class.__name__}, got {type(model).__name__}"
+            )
         config = model.config
         p_t, p_h, p_w = config.patch_size
         height, width = latent_size
@@ -249,8 +259,9 @@ class WanAdapter(ModelAdapter):
             raise ParameterError(
                 f"latent size {height}x{width} is not divisible by the patch size {p_h}x{p_w}"
             )
-        if config.added_kv_proj_dim is not None:
-            raise ParameterError("image-conditioned Wan models (added_kv_proj_dim) are not supported yet")
+        if config.added_kv_proj_dim is not None or getattr(config, "image_dim", None) is not None:
+            raise ParameterError(f"image-conditioned {self.family} models (added_kv_proj_dim, image_dim) are not "
+                                 f"supported yet")
         self.model = model.eval()
         self.text_encoder = text_encoder
         self.decoder = decoder
@@ -258,7 +269,7 @@ class WanAdapter(ModelAdapter):
         param = model.patch_embedding.weight
         self.info = ModelInfo(
             name=name,
-            adapter="wan",
+            adapter=self.family,
             frames_per_chunk=frames_per_chunk,
             latent_channels=config.in_channels,
             latent_height=height,
@@ -276,9 +287,9 @@ class WanAdapter(ModelAdapter):
         self._state = ForwardState()
         self._original_processors = [block.attn1.processor for block in model.blocks]
         for layer, block in enumerate(model.blocks):
-            block.attn1.set_processor(CachedWanAttnProcessor(layer, self._state))
+            block.attn1.set_processor(self.processor_class(layer, self._state))
         HookRegistry.check_if_exists_or_initialize(model.rope).register_hook(
-            AbsoluteRopeHook(self._state), ROPE_HOOK_NAME
+            AbsoluteRopeHook(self._state), self.rope_hook_name
         )
         # rotary tables per axis, [max_seq_len, dim_axis] (float64 like diffusers on CPU/CUDA)
         rope = model.rope
@@ -291,7 +302,7 @@ class WanAdapter(ModelAdapter):
         """Restore the model's stock processors and RoPE; returns the model."""
         for block, processor in zip(self.model.blocks, self._original_processors):
             block.attn1.set_processor(processor)
-        HookRegistry.check_if_exists_or_initialize(self.model.rope).remove_hook(ROPE_HOOK_NAME, recurse=False)
+        HookRegistry.check_if_exists_or_initialize(self.model.rope).remove_hook(self.rope_hook_name, recurse=False)
         return self.model
 
     # ------------------------------------------------------------------------------------- contract
@@ -376,14 +387,20 @@ class WanAdapter(ModelAdapter):
             raise CacheShapeError(f"a batch of {batch} samples does not match the cache's batch of {cache.batch_size}")
         if conditioning.shape[0] != batch:
             raise CacheShapeError(f"conditioning for {conditioning.shape[0]} samples, latent has {batch}")
+        if tuple(timesteps.shape) != (batch, num_frames):
+            raise CacheShapeError(f"timesteps of shape {tuple(timesteps.shape)}: want [B, F] = {[batch, num_frames]}")
         if rope_start < 0 or rope_start + num_frames > info.max_frames:
             raise RolloutConfigError(
                 f"RoPE frame positions {rope_start}..{rope_start + num_frames - 1} are outside the model's "
                 f"table of {info.max_frames} frames"
             )
         num_tokens = num_frames * info.tokens_per_frame
-        device = latent.device
         frames = torch.arange(rope_start, rope_start + num_frames, device=self._cos[0].device)
+        own = self._chunk_mask(num_frames, cache.device)
+        if own is not None:  # the resident context as key_mask says, the given structure inside the chunk
+            context = torch.ones(1, 1, num_tokens, cache.max_length, dtype=torch.bool, device=cache.device)
+            full = torch.cat([context, own], dim=-1)
+            key_mask = full if key_mask is None else full & key_mask
         state = self._state
         state.cache = cache
         state.num_tokens = num_tokens
@@ -392,16 +409,27 @@ class WanAdapter(ModelAdapter):
         state.rotary = self.rotary(frames)
         state.key_rotary = raw_key_rotary(cache, num_frames, rope_start, info.token_rows, info.token_cols,
                                           self._cos, self._sin, rope_positions, info.max_frames)
+        try:
+            with torch.no_grad():
+                return self._model_call(latent, timesteps, conditioning)
+        finally:
+            state.clear()
+
+    def _model_call(self, latent: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        """The stock model's forward on a chunk, timesteps ``[B, F]`` on the CPU: a ``(B,)`` timestep when the
+        chunk's frames share one, else ``(B, L)`` per token (Self Forcing's per-frame modulation)."""
+        device = latent.device
         if bool((timesteps == timesteps[:, :1]).all()):
             timestep = timesteps[:, 0].to(device=device, dtype=torch.float32)
         else:
-            timestep = timesteps.repeat_interleave(info.tokens_per_frame, dim=1).to(device=device, dtype=torch.float32)
-        try:
-            with torch.no_grad():
-                return self.model(hidden_states=latent, timestep=timestep, encoder_hidden_states=conditioning,
-                                  return_dict=False)[0]
-        finally:
-            state.clear()
+            timestep = timesteps.repeat_interleave(self.info.tokens_per_frame, dim=1).to(device=device,
+                                                                                          dtype=torch.float32)
+        return self.model(hidden_states=latent, timestep=timestep, encoder_hidden_states=conditioning,
+                          return_dict=False)[0]
+
+    def _chunk_mask(self, num_frames: int, device: torch.device | str) -> torch.Tensor | None:
+        """Bool ``[1, 1, n, n]`` structure inside a chunk, or None: a Wan chunk attends to itself fully."""
+        return None
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Pixels ``[B, F', 3, H', W']`` in [0, 1] through the decoder given at construction (a VAE)."""
