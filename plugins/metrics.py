@@ -13,7 +13,9 @@
 * ``feature-consistency``: VBench-style subject consistency, the mean cosine similarity of image features
   of each frame to the first frame and to the previous frame, from a DINO/CLIP-style vision model whose
   weights the user has locally (``--metric-option feature-consistency.path=DIR``, a transformers
-  checkpoint). Listed as unavailable otherwise; nothing is ever downloaded.
+  checkpoint; frames are resized to its ``image_size`` and normalised with its image processor's mean and
+  std when the folder has a ``preprocessor_config.json``). Listed as unavailable otherwise; nothing is
+  ever downloaded.
 """
 
 from __future__ import annotations
@@ -161,24 +163,35 @@ class FeatureConsistency(Metric):
         return None
 
     def _model(self):
+        """The vision model and the ``(mean, std)`` of its image processor (None when the folder has none)."""
         if not hasattr(self, "_loaded"):
-            from transformers import AutoModel
+            from transformers import AutoImageProcessor, AutoModel
 
-            self._loaded = AutoModel.from_pretrained(str(self.options["path"]), local_files_only=True).eval()
+            path = str(self.options["path"])
+            model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+            try:
+                processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+                norm = (list(processor.image_mean), list(processor.image_std))
+            except (OSError, ValueError, AttributeError, TypeError):
+                norm = None
+            self._loaded = (model, norm)
         return self._loaded
 
     def compute(self, job: JobData) -> MetricValue:
         import torch
 
-        if job.frames is None:
+        if job.frames is None:  # a latent preview: the first three channels, scaled to [0, 1]
             video = job.latents[:3].permute(1, 0, 2, 3)
             video = (video - video.amin()) / (video.amax() - video.amin() + 1e-8)
         else:
             video = job.frames
-        model = self._model()
+        model, norm = self._model()
         size = getattr(getattr(model, "config", None), "image_size", 224)
         pixels = torch.nn.functional.interpolate(video.float(), size=(size, size), mode="bilinear",
                                                  align_corners=False)
+        if norm is not None:  # the processor's normalisation (ImageNet mean/std for DINO)
+            mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in norm)
+            pixels = (pixels - mean) / std
         with torch.no_grad():
             output = model(pixel_values=pixels)
         features = getattr(output, "pooler_output", None)
