@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a prompts file (one per line) or prompts separated by ';'")
     compare.add_argument("--seeds", default="0", help="seeds: '0-7', '0,3,5' (default 0)")
     compare.add_argument("--chunks", type=_positive, required=True, help="chunks per job")
+    compare.add_argument("--recipe", default=None, metavar="NAME",
+                         help="run every job under a system's inference loop (see 'cachepolicy recipes'); its "
+                              "policies compose with each policy spec")
     compare.add_argument("--out", required=True, help="output folder")
     compare.add_argument("--metrics", default=None,
                          help="comma-separated metric names (default: every available metric)")
@@ -171,7 +174,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     config = CompareConfig(models=args.models, policies=split_policies(args.policies),
                            prompts=read_prompts(args.prompts), seeds=parse_seeds(args.seeds),
                            num_chunks=args.chunks, metrics=metrics, model_options=model_options,
-                           metric_options=metric_options)
+                           metric_options=metric_options, recipe=args.recipe)
     executor_options = {}
     if args.executor == "ray":
         executor_options = {"address": args.ray_address, "gpus_per_job": args.gpus_per_job}

@@ -115,7 +115,9 @@ class CompareConfig:
     """A comparison: what changes its fingerprint changes the results, and a rerun must match it.
 
     ``models`` holds one or more model names (or diffusers folders); ``model="x"`` is accepted for
-    ``models=("x",)``. ``model_options`` apply to every model.
+    ``models=("x",)``. ``model_options`` apply to every model. ``recipe`` (a name from
+    :data:`cachepolicy.recipes.RECIPES`, or None) runs every job under that system's loop, its policies
+    composed with each policy spec (see docs "Recipes").
     """
 
     models: tuple[str, ...] = attrs.field(converter=_to_models)
@@ -126,6 +128,7 @@ class CompareConfig:
     metrics: tuple[str, ...] = attrs.field(converter=tuple)
     model_options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
     metric_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, converter=dict)
+    recipe: str | None = None
 
     def __init__(self, models: str | Sequence[str] | None = None, *, model: str | None = None,
                  **fields: Any) -> None:
@@ -149,6 +152,8 @@ class CompareConfig:
             "num_chunks": self.num_chunks,
             "metrics": list(self.metrics),
             "metric_options": {k: dict(v) for k, v in sorted(self.metric_options.items())},
+            # only when set, so configurations without a recipe keep their fingerprint
+            **({"recipe": self.recipe} if self.recipe is not None else {}),
         }
 
     @property
@@ -174,9 +179,16 @@ def validate(config: CompareConfig) -> None:
     for model in config.models:
         if model not in registry.models and not Path(model).is_dir():
             registry.model(model)  # raises UnknownNameError with suggestions
+    if config.recipe is not None:
+        from cachepolicy.recipes import get_recipe
+
+        try:
+            get_recipe(config.recipe)
+        except CachePolicyError as exc:
+            raise CompareConfigError(f"--recipe: {exc}") from exc
     for index, spec in enumerate(config.policies, start=1):
         try:
-            build_policies(spec)
+            build_policies(*_recipe_specs(config.recipe, spec))
         except CachePolicyError as exc:
             raise CompareConfigError(
                 f"policy spec {index} of {len(config.policies)} ({spec!r}): {exc}"
@@ -190,6 +202,13 @@ def validate(config: CompareConfig) -> None:
     unknown_options = set(config.metric_options) - set(config.metrics)
     if unknown_options:
         raise CompareConfigError(f"options given for metrics that are not computed: {sorted(unknown_options)}")
+
+
+def _recipe_specs(recipe: str | None, spec: str) -> list[str]:
+    """The policy specs a job runs: the recipe's (unless the spec names the same policy) and ``spec``."""
+    from cachepolicy.recipes import get_recipe, merge_policy_specs
+
+    return merge_policy_specs(get_recipe(recipe) if recipe is not None else None, [spec])
 
 
 def check_model(config: CompareConfig) -> None:
@@ -210,7 +229,7 @@ def check_model(config: CompareConfig) -> None:
                 raise
             raise CompareConfigError(f"{where}{exc}") from exc
         for index, spec in enumerate(config.policies, start=1):
-            for policy in build_policies(spec):
+            for policy in build_policies(*_recipe_specs(config.recipe, spec)):
                 try:
                     policy.check_compatible(adapter.info)
                 except CachePolicyError as exc:
@@ -341,8 +360,16 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
 
     job = Job(**payload["job"])
     adapter = _load_model_cached(job.model, payload["model_options"])
-    policies = build_policies(job.policy)
-    config = RolloutConfig(num_chunks=payload["num_chunks"], prompts=(job.prompt,), seeds=(job.seed,))
+    recipe_name = payload.get("recipe")
+    policies = build_policies(*_recipe_specs(recipe_name, job.policy))
+    if recipe_name is not None:
+        from cachepolicy.recipes import get_recipe
+
+        recipe = get_recipe(recipe_name)
+    else:
+        recipe = None
+    config = RolloutConfig(num_chunks=payload["num_chunks"], prompts=(job.prompt,), seeds=(job.seed,),
+                           recipe=recipe)
     session = Session(adapter, policies, config, progress=payload.get("progress", False))
     started = time.perf_counter()
     result = session.run()
@@ -445,7 +472,7 @@ def run_compare(config: CompareConfig, out: str | Path, *, executor: Any = None,
         "job": attrs.asdict(job), "model_options": dict(config.model_options),
         "num_chunks": config.num_chunks, "metrics": list(config.metrics),
         "metric_options": {k: dict(v) for k, v in config.metric_options.items()}, "out": str(out),
-        "progress": progress and local,
+        "progress": progress and local, "recipe": config.recipe,
     } for job in jobs]
     bar = None
     if progress:

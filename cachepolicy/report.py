@@ -114,7 +114,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "",
         f"{summary['jobs_done']} of {summary['jobs_total']} jobs; {len(summary['config']['prompts'])} prompt(s) x "
         f"{len(summary['config']['seeds'])} seed(s) per {'model and ' if several else ''}policy, "
-        f"{summary['config']['num_chunks']} chunks each. "
+        f"{summary['config']['num_chunks']} chunks each"
+        + (f", recipe `{summary['config']['recipe']}`" if summary["config"].get("recipe") else "") + ". "
         "Cells: mean ± half-width of the 95% confidence interval over jobs.",
         "",
         ("| model " if several else "") + "| policy | jobs | " + " | ".join(metrics) + " |",

@@ -300,3 +300,32 @@ def test_default_metrics_are_those_of_every_model():
     assert "scene-count-error" in default_metrics(models=["drift-lab"])
     assert not any(m.startswith("scene-") for m in default_metrics(models=["drift-lab", "tiny-wan"]))
     assert default_metrics(model="tiny-wan") == default_metrics(None, ["tiny-wan", "tiny-skyreels"])
+
+
+def test_compare_under_a_recipe_composes_its_policies_and_records_it(tmp_path):
+    """``recipe="longlive"``: each job runs LongLive's sink + window with the job's policy on top, exactly as
+    a rollout with that recipe does."""
+    import attrs
+    import torch
+    from safetensors.torch import load_file
+
+    from cachepolicy.api import build_policies, load_model, rollout
+
+    config = CompareConfig(model="tiny-wan", policies=["full", "tokentrim:summary_at=final"], prompts=["a red fox"],
+                           seeds=[3], num_chunks=5, metrics=["latent-drift", "cache-tokens"], recipe="longlive")
+    summary = run_compare(config, tmp_path / "cmp")
+    results = [json.loads(line) for line in (tmp_path / "cmp" / "results.jsonl").read_text().splitlines()]
+    resolved = {r["policy"]: r["policy_resolved"] for r in results}
+    assert resolved["full"].startswith("attention-sink:frames=3+sliding-window:frames=6+full")
+    assert resolved["tokentrim:summary_at=final"].startswith("attention-sink:frames=3+sliding-window:frames=6+tokentrim")
+    assert summary["config"]["recipe"] == "longlive"
+    assert "recipe `longlive`" in (tmp_path / "cmp" / "summary.md").read_text()
+    # cache bounded by LongLive's window: 3 sink + 6 context + 3 own frames at 16 tokens per frame
+    assert max(r["curves"]["cache-tokens"][-1] for r in results) <= 9 * 16
+    direct = rollout(load_model("tiny-wan"), build_policies("full"), num_chunks=5, prompts=["a red fox"], seeds=[3],
+                     recipe="longlive")
+    job = next(r for r in results if r["policy"] == "full")
+    saved = load_file(str(tmp_path / "cmp" / "jobs" / job["job_id"] / "latents.safetensors"))
+    assert torch.equal(next(iter(saved.values())), direct.latents)
+    with pytest.raises(CompareConfigError, match="unknown recipe 'longliv'"):
+        run_compare(attrs.evolve(config, recipe="longliv"), tmp_path / "bad")
