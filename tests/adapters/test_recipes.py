@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cachepolicy.adapters.wan.tiny import load_tiny_wan
+from tests.adapters.original import OriginalBuffer, project_qkv, rotate
 from cachepolicy.api import build_policies
 from cachepolicy.engine import PromptSwitch, RolloutConfig, Session, noise_seed
 from cachepolicy.errors import RolloutConfigError
@@ -23,16 +24,6 @@ from cachepolicy.models import table_sigma
 from cachepolicy.recipes import get_recipe, merge_policy_specs
 
 TOL = 1e-5
-
-
-class OriginalCache:
-    """One layer's K/V buffer ``[B, capacity, H, D]`` and the two indices of Self Forcing / LongLive."""
-
-    def __init__(self, batch, capacity, heads, dim):
-        self.k = torch.zeros(batch, capacity, heads, dim)
-        self.v = torch.zeros(batch, capacity, heads, dim)
-        self.global_end = 0
-        self.local_end = 0
 
 
 class OriginalAttention:
@@ -43,9 +34,7 @@ class OriginalAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         run = self.run
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        q, k, v = project_qkv(attn, hidden_states)
         cos, sin = rotary_emb  # absolute positions of this call's frames, [1, L, 1, D]
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         cache = run.caches[self.layer]
@@ -87,14 +76,6 @@ class OriginalAttention:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def rotate(x, cos, sin):
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos[..., 0::2] - x2 * sin[..., 1::2]
-    out[..., 1::2] = x1 * sin[..., 1::2] + x2 * cos[..., 0::2]
-    return out
-
-
 class OriginalRun:
     """A stock diffusers model driven like the original repositories drive theirs."""
 
@@ -107,7 +88,7 @@ class OriginalRun:
         capacity_frames = total_frames if window_frames == -1 else window_frames
         self.cache_tokens = capacity_frames * tokens_per_frame
         heads, dim = model.config.num_attention_heads, model.config.attention_head_dim
-        self.caches = [OriginalCache(batch, self.cache_tokens, heads, dim) for _ in model.blocks]
+        self.caches = [OriginalBuffer(batch, self.cache_tokens, heads, dim) for _ in model.blocks]
         for layer, block in enumerate(model.blocks):
             block.attn1.set_processor(OriginalAttention(layer, self))
         # absolute RoPE tables of every frame, from diffusers' own rotary module on the full length; each

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import cachepolicy.adapters.wan.adapter as wan_adapter
 from cachepolicy.adapters.wan.tiny import load_tiny_wan
+from tests.adapters.original import OriginalBuffer, project_qkv, rotate
 from cachepolicy.api import build_policies
 from cachepolicy.engine import RolloutConfig, Session, noise_seed
 from cachepolicy.errors import ParameterError
@@ -27,14 +28,6 @@ from cachepolicy.recipes import Recipe, get_recipe, merge_policy_specs
 TOL = 1e-5
 PROMPTS = ("a red fox runs", "a blue bird flies")
 SEEDS = (11, 12)
-
-
-def rotate(x, cos, sin):
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos[..., 0::2] - x2 * sin[..., 1::2]
-    out[..., 1::2] = x1 * sin[..., 1::2] + x2 * cos[..., 0::2]
-    return out
 
 
 # ------------------------------------------------------------------------------------ RoPE modes
@@ -124,16 +117,6 @@ def test_rope_positions_need_a_raw_cache():
 
 
 # ------------------------------------------------------------------------- Rolling Forcing's loop
-class RollingBuffer:
-    """One layer's 24-frame K/V buffer and its two indices (``causal_model.py``)."""
-
-    def __init__(self, batch, capacity, heads, dim):
-        self.k = torch.zeros(batch, capacity, heads, dim)
-        self.v = torch.zeros(batch, capacity, heads, dim)
-        self.global_end = 0
-        self.local_end = 0
-
-
 class RollingAttention:
     """``CausalWanSelfAttention.forward`` with a cache, in tokens."""
 
@@ -142,9 +125,7 @@ class RollingAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         run = self.run
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        q, k, v = project_qkv(attn, hidden_states)
         cos, sin = rotary_emb  # frames current_start_frame .. of this call
         roped_q, roped_k = rotate(q, cos, sin), rotate(k, cos, sin)
         cache = run.caches[self.layer]
@@ -209,7 +190,7 @@ class RollingRun:
         self.max_attention = 21 * tokens_per_frame
         self.rerotate_anchor = rerotate_anchor
         heads, dim = model.config.num_attention_heads, model.config.attention_head_dim
-        self.caches = [RollingBuffer(batch, 24 * tokens_per_frame, heads, dim) for _ in model.blocks]
+        self.caches = [OriginalBuffer(batch, 24 * tokens_per_frame, heads, dim) for _ in model.blocks]
         for layer, block in enumerate(model.blocks):
             block.attn1.set_processor(RollingAttention(layer, self))
         full = torch.zeros(1, model.config.in_channels, total_frames, *latent_hw)
