@@ -27,6 +27,6 @@ def test_a_short_rollout_is_finite_and_close_to_the_scene(tmp_path):
                            metrics=["scene-background-error", "scene-count-error", "scene-colour-error"])
     summary = run_compare(config, tmp_path / "cmp")
     stats = summary["policies"]["full"]["metrics"]
-    assert stats["scene-background-error"]["mean"] < 0.08  # measured 0.041
-    assert stats["scene-count-error"]["mean"] < 0.75  # measured 0.25
-    assert stats["scene-colour-error"]["mean"] < 0.10  # measured 0.051
+    assert stats["scene-background-error"]["mean"] < 0.045  # measured 0.0217 (7000-step weights)
+    assert stats["scene-count-error"]["mean"] < 0.75  # measured 0.25 (one sprite off in one of 8 chunks)
+    assert stats["scene-colour-error"]["mean"] < 0.05  # measured 0.0254
