@@ -35,7 +35,7 @@ from cachepolicy.outputs import (
 )
 from cachepolicy.policy import Policy
 from cachepolicy.policy import build_policies as _build
-from cachepolicy.recipes import Recipe, get_recipe
+from cachepolicy.recipes import Recipe, get_recipe, recipe_specs
 from cachepolicy.registry import get_registry
 
 logger = logging.getLogger(__name__)
@@ -103,10 +103,7 @@ def rollout(model: ModelAdapter, policies: Sequence[Policy], *, num_chunks: int,
 
 def _with_recipe_policies(recipe: Recipe | None, policies: list[Policy]) -> list[Policy]:
     """The recipe's policies (those whose name the caller does not give) followed by ``policies``."""
-    if recipe is None or not recipe.policies:
-        return policies
-    given = {p.name for p in policies}
-    extra = [spec for spec in recipe.policies if spec.split(":", 1)[0] not in given]
+    extra = recipe_specs(recipe, {p.name for p in policies})
     return (build_policies(*extra) if extra else []) + policies
 
 

@@ -284,9 +284,14 @@ def get_recipe(name: str | Recipe) -> Recipe:
         raise UnknownNameError("recipe", name, RECIPES) from None
 
 
+def recipe_specs(recipe: Recipe | None, given_names: set[str]) -> list[str]:
+    """The recipe's policy specs whose policy name is not among ``given_names`` (the user's replace them)."""
+    if recipe is None:
+        return []
+    return [spec for spec in recipe.policies if spec.split(":", 1)[0] not in given_names]
+
+
 def merge_policy_specs(recipe: Recipe | None, specs: list[str]) -> list[str]:
     """The recipe's policies followed by the user's; a user policy of the same name replaces the recipe's."""
-    if recipe is None:
-        return list(specs)
     user_names = {term.split(":", 1)[0].strip() for spec in specs for term in spec.split("+")}
-    return [spec for spec in recipe.policies if spec.split(":", 1)[0] not in user_names] + list(specs)
+    return recipe_specs(recipe, user_names) + list(specs)
