@@ -168,6 +168,7 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
         "model": model_name,
         "model_options": model_options or {},
         "model_info": info.to_json(),
+        "weights": adapter.weights_id(),
         "policies": [{"name": p.name, "spec": p.spec, "params": p.params()} for p in built],
         "policy_spec": "+".join(p.spec for p in built) or "(none)",
         "seed": seed,

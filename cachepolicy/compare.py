@@ -211,17 +211,20 @@ def _recipe_specs(recipe: str | None, spec: str) -> list[str]:
     return merge_policy_specs(get_recipe(recipe) if recipe is not None else None, [spec])
 
 
-def check_model(config: CompareConfig) -> None:
-    """Load each model and check the rollout length and every policy against it.
+def check_model(config: CompareConfig) -> dict[str, str | None]:
+    """Load each model and check the rollout length and every policy against it; returns each model's
+    :meth:`~cachepolicy.models.ModelAdapter.weights_id`.
 
     The models are checked last to first, so the first model, whose jobs run first, stays loaded for them
     (the process holds one model at a time). With several models an error names the model.
     """
     from cachepolicy.api import build_policies
 
+    weights: dict[str, str | None] = {}
     for model in reversed(config.models):
         where = f"model {model!r}: " if len(config.models) > 1 else ""
         adapter = _load_model_cached(model, config.model_options)
+        weights[model] = adapter.weights_id()
         try:
             adapter.check_rollout(config.num_chunks * adapter.info.frames_per_chunk, 1)
         except CachePolicyError as exc:
@@ -236,6 +239,7 @@ def check_model(config: CompareConfig) -> None:
                     raise CompareConfigError(
                         f"{where}policy spec {index} of {len(config.policies)} ({spec!r}): {exc}"
                     ) from exc
+    return weights
 
 
 def default_metrics(metric_options: Mapping[str, Mapping[str, Any]] | None = None,
@@ -403,6 +407,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     return {
         "job_id": job.id,
         "model": job.model,
+        "weights": adapter.weights_id(),
         "policy": job.policy,
         "policy_resolved": "+".join(p.spec for p in policies),
         "prompt": job.prompt,
@@ -416,8 +421,31 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def prepare_folder(config: CompareConfig, out: Path, force: bool) -> ResultsStore:
-    """Create ``out`` or check it holds this configuration; with ``force`` archive what is there."""
+def _changed_weights(records: Sequence[Mapping[str, Any]], weights: Mapping[str, str | None]) -> list[str]:
+    """``model (old id -> new id)`` for each model whose recorded jobs ran other weights than ``weights``."""
+    changed = {}
+    for record in records:
+        old, new = record.get("weights"), weights.get(record.get("model", ""))
+        if old is not None and new is not None and old != new:
+            changed.setdefault(record["model"], f"{record['model']} ({old} -> {new})")
+    return list(changed.values())
+
+
+def _archive(out: Path) -> None:
+    archive = out / f"archive-{time.strftime('%Y%m%d-%H%M%S')}"
+    archive.mkdir()
+    for name in (CONFIG_FILE, RESULTS_FILE, "jobs", "summary.json", "summary.md", "report.html",
+                 "plots", "videos"):
+        if (out / name).exists():
+            shutil.move(str(out / name), str(archive / name))
+    logger.warning("archived the previous results to %s", archive)
+
+
+def prepare_folder(config: CompareConfig, out: Path, force: bool,
+                   weights: Mapping[str, str | None] | None = None) -> ResultsStore:
+    """Create ``out`` or check it holds this configuration, and results of the same ``weights``
+    (``{model: weights id}``, as :func:`check_model` returns; None skips that check); with ``force``
+    archive what is there."""
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / CONFIG_FILE
     store = ResultsStore(out / RESULTS_FILE)
@@ -435,13 +463,15 @@ def prepare_folder(config: CompareConfig, out: Path, force: bool) -> ResultsStor
                     f"use another --out, rerun with the same settings to resume, or pass --force to archive "
                     f"the old results and start over"
                 )
-            archive = out / f"archive-{time.strftime('%Y%m%d-%H%M%S')}"
-            archive.mkdir()
-            for name in (CONFIG_FILE, RESULTS_FILE, "jobs", "summary.json", "summary.md", "report.html",
-                         "plots", "videos"):
-                if (out / name).exists():
-                    shutil.move(str(out / name), str(archive / name))
-            logger.warning("archived the previous results to %s", archive)
+            _archive(out)
+        elif weights and store.path.exists() and (changed := _changed_weights(store.load(), weights)):
+            if not force:
+                raise CompareConfigError(
+                    f"{out} holds results of other weights of the same configuration (weights id: "
+                    f"{', '.join(changed)}); use another --out, or pass --force to archive the old results "
+                    f"and start over"
+                )
+            _archive(out)
     elif store.path.exists():
         raise CompareConfigError(f"{out} holds {RESULTS_FILE} but no {CONFIG_FILE}; use another --out")
     from cachepolicy.outputs import atomic_write_json
@@ -460,10 +490,12 @@ def run_compare(config: CompareConfig, out: str | Path, *, executor: Any = None,
     validate(config)
     executor = executor or LocalExecutor()
     local = getattr(executor, "name", "") == "local"
+    weights = None
     if local:  # the jobs reuse this model, so loading it now costs nothing and fails before any job
-        check_model(config)
+        _MODEL_CACHE.clear()  # a model loaded by an earlier call may have been retrained since: load anew
+        weights = check_model(config)
     out = Path(out)
-    store = prepare_folder(config, out, force)
+    store = prepare_folder(config, out, force, weights)
     done = {r["job_id"] for r in store.load()}
     jobs = [job for job in config.jobs() if job.id not in done]
     if done:
@@ -487,4 +519,13 @@ def run_compare(config: CompareConfig, out: str | Path, *, executor: Any = None,
     finally:
         if bar is not None:
             bar.close()
-    return write_report(out, config, store.load())
+    records = store.load()
+    ids: dict[str, set[str]] = {}
+    for record in records:
+        if record.get("weights") is not None:
+            ids.setdefault(record["model"], set()).add(record["weights"])
+    for model, found in ids.items():  # only possible where the weights were not checked before the jobs
+        if len(found) > 1:
+            logger.warning("the results of %s in %s come from %d different weights (ids %s): rerun with --force",
+                           model, out, len(found), ", ".join(sorted(found)))
+    return write_report(out, config, records)

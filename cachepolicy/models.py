@@ -257,6 +257,35 @@ class ModelAdapter(abc.ABC):
         """Ground truth of the scene a prompt and seed describe, for metrics that use it (else None)."""
         return None
 
+    def weights_id(self) -> str | None:
+        """A content id of the weights this adapter runs (16 hex digits), or None if it cannot tell.
+
+        Two loads of the same weights give the same id, whatever file, folder or device they came from;
+        any changed value changes it. ``compare`` records it with every job and refuses to resume a
+        folder whose results came from other weights. Adapters over a torch module return
+        :func:`module_weights_id` of it.
+        """
+        return None
+
+
+def module_weights_id(module: torch.nn.Module) -> str:
+    """sha256 (first 16 hex digits) of a module's ``state_dict``: every entry's name, dtype, shape and bytes.
+
+    Reads each tensor once (moved to the CPU one at a time, so a model on a GPU is not copied whole);
+    about 2-3 s per GB here.
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        value = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        if value.numel():
+            digest.update(value.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
 
 @attrs.frozen
 class ModelEntry:

@@ -34,7 +34,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from cachepolicy.cache import KVCache, metadata_for_chunk
 from cachepolicy.errors import CacheShapeError, ParameterError, RolloutConfigError
-from cachepolicy.models import ModelAdapter, ModelInfo, Sampler
+from cachepolicy.models import ModelAdapter, ModelInfo, Sampler, module_weights_id
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +285,7 @@ class WanAdapter(ModelAdapter):
             sampler=sampler or Sampler(),
         )
         self._state = ForwardState()
+        self._weights_id: str | None = None
         self._original_processors = [block.attn1.processor for block in model.blocks]
         for layer, block in enumerate(model.blocks):
             block.attn1.set_processor(self.processor_class(layer, self._state))
@@ -430,6 +431,13 @@ class WanAdapter(ModelAdapter):
     def _chunk_mask(self, num_frames: int, device: torch.device | str) -> torch.Tensor | None:
         """Bool ``[1, 1, n, n]`` structure inside a chunk, or None: a Wan chunk attends to itself fully."""
         return None
+
+    def weights_id(self) -> str:
+        """:func:`~cachepolicy.models.module_weights_id` of the transformer (computed once per load; the text
+        encoder and VAE are named by their model options, not hashed)."""
+        if self._weights_id is None:
+            self._weights_id = module_weights_id(self.model)
+        return self._weights_id
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Pixels ``[B, F', 3, H', W']`` in [0, 1] through the decoder given at construction (a VAE)."""

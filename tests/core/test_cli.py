@@ -26,6 +26,10 @@ def test_run_writes_latents_run_json_and_trace(tmp_path, capsys):
     assert [p["spec"] for p in run["policies"]] == ["attention-sink:frames=3", "sliding-window:frames=3"]
     assert run["policies"][1]["params"] == {"frames": 3}
     assert run["package_version"]
+    from cachepolicy.api import load_model
+    from cachepolicy.models import module_weights_id
+
+    assert run["weights"] == module_weights_id(load_model("tiny-wan").model)
     trace = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
     assert [r["chunk"] for r in trace] == [0, 1, 2, 3]
 

@@ -329,3 +329,41 @@ def test_compare_under_a_recipe_composes_its_policies_and_records_it(tmp_path):
     assert torch.equal(next(iter(saved.values())), direct.latents)
     with pytest.raises(CompareConfigError, match="unknown recipe 'longliv'"):
         run_compare(attrs.evolve(config, recipe="longliv"), tmp_path / "bad")
+
+
+def test_results_of_other_weights_are_refused(tmp_path, capsys):
+    """Same configuration, weights replaced in place (a retrained model): refused, then archived by --force."""
+    from safetensors.torch import load_file, save_file
+
+    from cachepolicy.adapters.wan.drift_lab import packaged_weights
+    from cachepolicy.api import load_model
+    from cachepolicy.models import module_weights_id
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name in ("config.json", "weights.safetensors"):
+        (weights / name).write_bytes((packaged_weights() / name).read_bytes())
+    out = tmp_path / "cmp"
+    args = ["compare", "drift-lab", "--model-option", f"path={weights}", "--policies", "full",
+            "--prompts", "a red triangle bouncing slowly over a gray-to-purple gradient", "--seeds", "0",
+            "--chunks", "1", "--metrics", "cache-tokens", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    results = out / "results.jsonl"
+    before = results.read_bytes()
+    old_id = json.loads(before)["weights"]
+    assert old_id == module_weights_id(load_model("drift-lab", path=str(weights)).model)
+    assert main(args) == 0 and results.read_bytes() == before  # same weights: resumed, nothing to do
+
+    tensors = load_file(weights / "weights.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-4
+    save_file(tensors, weights / "weights.safetensors")
+    new_id = module_weights_id(load_model("drift-lab", path=str(weights)).model)
+    assert new_id != old_id
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds results of other weights" in err and f"drift-lab ({old_id} -> {new_id})" in err
+    assert results.read_bytes() == before
+    assert main(args + ["--force"]) == 0
+    assert [a.read_bytes() for a in out.glob("archive-*/results.jsonl")] == [before]
+    assert json.loads(results.read_bytes())["weights"] == new_id
