@@ -262,13 +262,17 @@ class Session:
         self.cache: KVCache = (adapter.new_cache(self.batch_size) if rope_mode == "absolute"
                                else adapter.new_cache(self.batch_size, rope_mode=rope_mode))
         self.conditioning: Any = None
+        #: the conditioning of the first prompts (key -1) and of each prompt switch (key: its chunk), encoded
+        #: by :meth:`check`, so a prompt the model cannot take fails before anything is generated or written
+        self._encoded: dict[int, Any] | None = None
         self.chunk: int = -1
         self.trace: list[dict[str, Any]] = []
         self.latents: list[torch.Tensor] = []
 
     # -------------------------------------------------------------------------------------- checks
     def check(self) -> None:
-        """Validate everything that can be validated before any model call."""
+        """Validate everything that can be validated before the first chunk, and encode every prompt (the
+        first ones and those of each switch: a prompt the model refuses fails here)."""
         if self.cache.batch_size != self.batch_size:
             raise RolloutConfigError(
                 f"the cache holds {self.cache.batch_size} samples but the rollout has {self.batch_size}"
@@ -288,12 +292,18 @@ class Session:
                 )
             num_frames = self.recipe.max_rope_frames(num_frames)
         self.adapter.check_rollout(num_frames, self.batch_size)
+        if self._encoded is None:
+            encoded = {-1: self.adapter.encode_prompts(list(self.config.prompts))}
+            for switch in self.config.prompt_switches:
+                prompts = list(switch.prompts) * (self.batch_size if len(switch.prompts) == 1 else 1)
+                encoded[switch.chunk] = self.adapter.encode_prompts(prompts)
+            self._encoded = encoded
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> RolloutResult:
         """Generate ``config.num_chunks`` chunks. On error the latents and trace so far stay on the session."""
         self.check()
-        self.conditioning = self.adapter.encode_prompts(list(self.config.prompts))
+        self.conditioning = self._encoded[-1]
         call_each(self.pm, "cachepolicy_session_start", session=self)
         try:
             if self.recipe is not None and self.recipe.rolling is not None:
@@ -500,7 +510,7 @@ class Session:
         switch = next((s for s in self.config.prompt_switches if s.chunk == chunk), None)
         if switch is not None:
             prompts = list(switch.prompts) * (self.batch_size if len(switch.prompts) == 1 else 1)
-            self.conditioning = self.adapter.encode_prompts(prompts)
+            self.conditioning = self._encoded[switch.chunk]
             record["prompt_switch"] = prompts
             recache = self.recipe.recache if self.recipe is not None else None
             if recache is not None:

@@ -6,7 +6,8 @@ only what is specific to it on top of :class:`~cachepolicy.adapters.wan.adapter.
 
 * its recipe: the Euler sampler it was trained for (``Sampler(noise="predicted")``, the lab's steps and
   shift, no warping) and 3 frames per chunk;
-* its text embedding (:func:`cachepolicy.lab.text.embed_prompts`, a fixed seeded word table);
+* its text embedding (:func:`cachepolicy.lab.text.embed_prompts`, a fixed seeded word table); a scene
+  prompt with more sprites than it was trained on is refused;
 * a decoder: the latent is the frames pixel-unshuffled by 2, so decoding is exact, with no learned VAE;
 * ground truth: the prompt's :class:`~cachepolicy.lab.scenes.SceneSpec`, for the ground-truth metrics.
 
@@ -18,6 +19,7 @@ as ``path=DIR``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,25 @@ class DriftLabAdapter(WanAdapter):
         super().__init__(model, name="drift-lab", latent_size=config.latent_hw,
                          text_encoder=lambda prompts: embed_prompts(list(prompts), config.text),
                          frames_per_chunk=config.chunk_frames, sampler=sampler)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The lab's text embedding ``[B, max_words, text_dim]``; a scene prompt with more sprites than the
+        model was trained on (``scene.max_sprites`` of its config) is refused, naming the limit."""
+        from cachepolicy.lab.errors import PromptError
+        from cachepolicy.lab.scenes import parse_prompt
+
+        limit = self.lab_config.scene.max_sprites
+        for prompt in prompts:
+            try:
+                spec = parse_prompt(prompt) if prompt else None
+            except PromptError:  # words of the vocabulary outside the scene grammar: embedded as they are
+                spec = None
+            if spec is not None and spec.num_sprites > limit:
+                raise PromptError(
+                    f"prompt {prompt!r} asks for {spec.num_sprites} sprites; this drift-lab model was trained "
+                    f"on scenes of 1 to {limit} (scene.max_sprites in its config.json)"
+                )
+        return super().encode_prompts(prompts)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """``[B, 12, F, 8, 8]`` latents -> ``[B, F, 3, 16, 16]`` frames in [0, 1] (exact inverse transform)."""

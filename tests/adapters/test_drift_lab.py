@@ -53,6 +53,29 @@ def test_decoding_is_the_exact_inverse_of_the_latent_transform(lab_weights, regi
     assert adapter.ground_truth(PROMPT, 3, frames.shape[0]) == scene.spec
 
 
+def test_prompts_with_more_sprites_than_trained_are_refused(tmp_path, registry):
+    from cachepolicy.adapters.wan.tiny import randomize_
+    from cachepolicy.lab.checkpoint import save_weights_dir
+    from cachepolicy.lab.errors import PromptError, UnknownWordError
+    from cachepolicy.lab.model import LabConfig, build_transformer
+    from cachepolicy.lab.scenes import SceneConfig
+    from cachepolicy.lab.text import embed_prompts
+
+    config = attrs.evolve(LabConfig(), scene=SceneConfig(max_sprites=2), layers=1, heads=2, dim_head=16,
+                          ffn_dim=32, sampler_steps=2)
+    model = randomize_(build_transformer(config, seed=0), seed=0)
+    save_weights_dir(tmp_path / "final", config, {k: v.contiguous() for k, v in model.state_dict().items()})
+    adapter = registry.model("drift-lab").load(path=str(tmp_path / "final"))
+    two = ["a white disc and a red square bouncing slowly over a teal-to-purple gradient", "", "red disc"]
+    assert torch.equal(adapter.encode_prompts(two), embed_prompts(two, config.text))  # 2 sprites, "", words
+    three = "two cyan discs and a red square bouncing slowly over a teal-to-purple gradient"
+    with pytest.raises(PromptError, match=r"asks for 3 sprites; this drift-lab model was trained on scenes of "
+                                          r"1 to 2 \(scene.max_sprites"):
+        adapter.encode_prompts([two[0], three])
+    with pytest.raises(UnknownWordError, match="'purpel'"):
+        adapter.encode_prompts(["a red disc bouncing slowly over a teal-to-purpel gradient"])
+
+
 def test_scene_metrics_are_zero_on_the_true_video_and_see_a_planted_change(registry):
     from cachepolicy.lab.scenes import build_scene
     from cachepolicy.metrics import JobData
@@ -111,6 +134,17 @@ def test_run_writes_mp4_and_gif_of_the_decoded_frames(lab_weights, tmp_path, cap
 
     frames, _ = imageio_ffmpeg.count_frames_and_secs(str(out / "video.mp4"))
     assert frames == 6
+
+    # a prompt the model refuses (first prompt or a switch's) fails before --force replaces anything
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = "a red disc bouncing slowly over a teal-to-purpel gradient"
+    base = ["run", "drift-lab", "--model-option", f"path={lab_weights}", "--chunks", "2", "--out", str(out),
+            "--force"]
+    assert main(base + ["--prompt", bad]) == 2
+    assert "unknown word 'purpel'" in capsys.readouterr().err
+    assert main(base + ["--prompt", PROMPT, "--switch", f"1:{bad}"]) == 2
+    assert "unknown word 'purpel'" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_no_video_for_a_model_without_decoder(tmp_path):
