@@ -212,8 +212,8 @@ def _recipe_specs(recipe: str | None, spec: str) -> list[str]:
 
 
 def check_model(config: CompareConfig) -> dict[str, str | None]:
-    """Load each model and check the rollout length and every policy against it; returns each model's
-    :meth:`~cachepolicy.models.ModelAdapter.weights_id`.
+    """Load each model and check the rollout length, every prompt and every policy against it; returns each
+    model's :meth:`~cachepolicy.models.ModelAdapter.weights_id`.
 
     The models are checked last to first, so the first model, whose jobs run first, stays loaded for them
     (the process holds one model at a time). With several models an error names the model.
@@ -225,6 +225,12 @@ def check_model(config: CompareConfig) -> dict[str, str | None]:
         where = f"model {model!r}: " if len(config.models) > 1 else ""
         adapter = _load_model_cached(model, config.model_options)
         weights[model] = adapter.weights_id()
+        try:  # every prompt once, so one the model refuses fails before any job
+            adapter.encode_prompts(list(config.prompts))
+        except CachePolicyError as exc:
+            if not where:
+                raise
+            raise CompareConfigError(f"{where}{exc}") from exc
         try:
             adapter.check_rollout(config.num_chunks * adapter.info.frames_per_chunk, 1)
         except CachePolicyError as exc:

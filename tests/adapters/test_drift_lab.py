@@ -145,6 +145,12 @@ def test_run_writes_mp4_and_gif_of_the_decoded_frames(lab_weights, tmp_path, cap
     assert main(base + ["--prompt", PROMPT, "--switch", f"1:{bad}"]) == 2
     assert "unknown word 'purpel'" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # compare encodes every prompt before any job: nothing is created
+    cmp = tmp_path / "cmp"
+    assert main(["compare", "drift-lab", "--model-option", f"path={lab_weights}", "--policies", "full",
+                 "--prompts", f"{PROMPT}; {bad}", "--chunks", "1", "--out", str(cmp), "--no-progress"]) == 2
+    assert "unknown word 'purpel'" in capsys.readouterr().err
+    assert not cmp.exists()
 
 
 def test_no_video_for_a_model_without_decoder(tmp_path):
