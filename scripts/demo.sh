@@ -9,6 +9,6 @@ export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 out="${1:-runs/compare}"
 .venv/bin/cachepolicy compare drift-lab \
     --policies "full; sliding-window:frames=9; attention-sink:frames=3+sliding-window:frames=6; attention-sink:frames=3+sliding-window:frames=6+tokentrim:p=0.1" \
-    --prompts "a red triangle bouncing slowly over a gray-to-purple gradient; three cyan discs bouncing slowly over an olive-to-maroon gradient" \
+    --prompts "a red triangle bouncing slowly over a gray-to-purple gradient; two cyan discs bouncing slowly over an olive-to-maroon gradient" \
     --seeds 0-3 --chunks 12 --out "$out"
 echo "open $out/report.html (summary in $out/summary.md, raw results in $out/results.jsonl)"

@@ -48,7 +48,8 @@ class LabConfig:
     """Everything that defines a drift-lab model: scenes, latent transform, text embedding, transformer.
 
     Attributes:
-        scene: scene geometry used for training (``scene.num_frames`` = trained context in frames).
+        scene: scene geometry used for training (``scene.num_frames`` = trained context in frames; 1 or 2
+            sprites per scene by default, as in the shipped weights).
         latent_factor: pixel-unshuffle factor of the latent transform.
         text: text-embedding shape.
         dim_head: attention head width.
@@ -61,7 +62,7 @@ class LabConfig:
         sampler_shift: flow-matching shift of the sampler's sigma schedule.
     """
 
-    scene: SceneConfig = SceneConfig()
+    scene: SceneConfig = SceneConfig(max_sprites=2)
     latent_factor: int = 2
     text: TextConfig = TextConfig()
     dim_head: int = 32

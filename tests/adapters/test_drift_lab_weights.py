@@ -8,7 +8,8 @@ import json
 from cachepolicy.compare import CompareConfig, run_compare
 
 PROMPTS = ["a white disc bouncing slowly over a teal-to-purple gradient",
-           "a red triangle bouncing slowly over a gray-to-purple gradient"]
+           "a red triangle bouncing slowly over a gray-to-purple gradient",
+           "a white disc and a magenta triangle bouncing fast over a black-to-purple gradient"]
 
 
 def test_shipped_weights_load_by_name_with_their_training_record(registry):
@@ -27,6 +28,6 @@ def test_a_short_rollout_is_finite_and_close_to_the_scene(tmp_path):
                            metrics=["scene-background-error", "scene-count-error", "scene-colour-error"])
     summary = run_compare(config, tmp_path / "cmp")
     stats = summary["policies"]["full"]["metrics"]
-    assert stats["scene-background-error"]["mean"] < 0.045  # measured 0.0217 (7000-step weights)
-    assert stats["scene-count-error"]["mean"] < 0.75  # measured 0.25 (one sprite off in one of 8 chunks)
-    assert stats["scene-colour-error"]["mean"] < 0.05  # measured 0.0254
+    assert stats["scene-background-error"]["mean"] < 0.045  # measured 0.0215 (7000-step, 1-2 sprite weights)
+    assert stats["scene-count-error"]["mean"] < 0.5  # measured 0.167
+    assert stats["scene-colour-error"]["mean"] < 0.09  # measured 0.046
