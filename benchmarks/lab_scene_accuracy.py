@@ -9,7 +9,7 @@ of each colour ("exact"), and the colour error of the sprites found. Used for th
 
     python benchmarks/lab_scene_accuracy.py --weights cachepolicy/lab/weights --weights OLD/final
 
-(about 3.5 minutes per weights folder on two cores with the defaults).
+(about 1.5 minutes per weights folder on two cores with the defaults).
 """
 
 from __future__ import annotations
