@@ -285,10 +285,11 @@ class Session:
                 self.recipe.restart.check(self.model.frames_per_chunk)
             if self.recipe.rolling is not None:
                 self.recipe.rolling.check(self.model.frames_per_chunk, len(self.sampler.sigmas()))
-            if getattr(self.cache, "rope_mode", "absolute") != self.recipe.rope_mode:
+            cache_mode = getattr(self.cache, "rope_mode", "absolute")
+            if cache_mode != self.recipe.rope_mode:
                 raise RolloutConfigError(
                     f"recipe {self.recipe.name!r} needs a cache with rope_mode={self.recipe.rope_mode!r}, the "
-                    f"adapter gave {getattr(self.cache, 'rope_mode', 'absolute')!r}"
+                    f"adapter gave {cache_mode!r}"
                 )
             num_frames = self.recipe.max_rope_frames(num_frames)
         self.adapter.check_rollout(num_frames, self.batch_size)

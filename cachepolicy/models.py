@@ -261,9 +261,9 @@ class ModelAdapter(abc.ABC):
         """A content id of the weights this adapter runs (16 hex digits), or None if it cannot tell.
 
         Two loads of the same weights in the same dtype give the same id, whatever file, folder or device
-        they came from; any changed value (or dtype) changes it. ``compare`` records it with every job and refuses to resume a
-        folder whose results came from other weights. Adapters over a torch module return
-        :func:`module_weights_id` of it.
+        they came from; any changed value (or dtype) changes it. ``compare`` records it with every job and
+        refuses to resume a folder whose results came from other weights. Adapters over a torch module
+        return :func:`module_weights_id` of it.
         """
         return None
 
