@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -211,19 +212,20 @@ def _recipe_specs(recipe: str | None, spec: str) -> list[str]:
     return merge_policy_specs(get_recipe(recipe) if recipe is not None else None, [spec])
 
 
-def check_model(config: CompareConfig) -> dict[str, str | None]:
+def check_model(config: CompareConfig, load_token: str = "") -> dict[str, str | None]:
     """Load each model and check the rollout length, every prompt and every policy against it; returns each
     model's :meth:`~cachepolicy.models.ModelAdapter.weights_id`.
 
     The models are checked last to first, so the first model, whose jobs run first, stays loaded for them
-    (the process holds one model at a time). With several models an error names the model.
+    (the process holds one model at a time; ``load_token`` is the comparison's, see :func:`_load_model_cached`).
+    With several models an error names the model.
     """
     from cachepolicy.api import build_policies
 
     weights: dict[str, str | None] = {}
     for model in reversed(config.models):
         where = f"model {model!r}: " if len(config.models) > 1 else ""
-        adapter = _load_model_cached(model, config.model_options)
+        adapter = _load_model_cached(model, config.model_options, load_token)
         weights[model] = adapter.weights_id()
         try:  # every prompt once, so one the model refuses fails before any job
             adapter.encode_prompts(list(config.prompts))
@@ -324,10 +326,13 @@ class ResultsStore:
 _MODEL_CACHE: dict[str, Any] = {}
 
 
-def _load_model_cached(model: str, options: Mapping[str, Any]) -> Any:
+def _load_model_cached(model: str, options: Mapping[str, Any], load_token: str = "") -> Any:
+    """The process's loaded model for these options within one comparison (``load_token``, new per
+    :func:`run_compare` call): the jobs of a comparison share a load, a later comparison loads anew (the
+    weights may have been retrained at the same path since)."""
     from cachepolicy.api import load_model
 
-    key = json.dumps([model, dict(sorted(options.items()))], sort_keys=True)
+    key = json.dumps([model, dict(sorted(options.items())), load_token], sort_keys=True)
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()  # one model per process at a time
         _MODEL_CACHE[key] = load_model(model, **dict(options))
@@ -369,7 +374,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     from cachepolicy.registry import get_registry
 
     job = Job(**payload["job"])
-    adapter = _load_model_cached(job.model, payload["model_options"])
+    adapter = _load_model_cached(job.model, payload["model_options"], payload.get("load_token", ""))
     recipe_name = payload.get("recipe")
     policies = build_policies(*_recipe_specs(recipe_name, job.policy))
     if recipe_name is not None:
@@ -427,14 +432,20 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ driver
+def _recorded_weights(records: Sequence[Mapping[str, Any]]) -> dict[str, set[str]]:
+    """``{model: weights ids its recorded jobs ran}`` (records without an id are left out)."""
+    ids: dict[str, set[str]] = {}
+    for record in records:
+        if record.get("weights") is not None:
+            ids.setdefault(record["model"], set()).add(record["weights"])
+    return ids
+
+
 def _changed_weights(records: Sequence[Mapping[str, Any]], weights: Mapping[str, str | None]) -> list[str]:
     """``model (old id -> new id)`` for each model whose recorded jobs ran other weights than ``weights``."""
-    changed = {}
-    for record in records:
-        old, new = record.get("weights"), weights.get(record.get("model", ""))
-        if old is not None and new is not None and old != new:
-            changed.setdefault(record["model"], f"{record['model']} ({old} -> {new})")
-    return list(changed.values())
+    return [f"{model} ({', '.join(sorted(old))} -> {weights[model]})"
+            for model, old in _recorded_weights(records).items()
+            if weights.get(model) is not None and old != {weights[model]}]
 
 
 def _archive(out: Path) -> None:
@@ -497,9 +508,9 @@ def run_compare(config: CompareConfig, out: str | Path, *, executor: Any = None,
     executor = executor or LocalExecutor()
     local = getattr(executor, "name", "") == "local"
     weights = None
+    load_token = uuid.uuid4().hex
     if local:  # the jobs reuse this model, so loading it now costs nothing and fails before any job
-        _MODEL_CACHE.clear()  # a model loaded by an earlier call may have been retrained since: load anew
-        weights = check_model(config)
+        weights = check_model(config, load_token)
     out = Path(out)
     store = prepare_folder(config, out, force, weights)
     done = {r["job_id"] for r in store.load()}
@@ -510,7 +521,7 @@ def run_compare(config: CompareConfig, out: str | Path, *, executor: Any = None,
         "job": attrs.asdict(job), "model_options": dict(config.model_options),
         "num_chunks": config.num_chunks, "metrics": list(config.metrics),
         "metric_options": {k: dict(v) for k, v in config.metric_options.items()}, "out": str(out),
-        "progress": progress and local, "recipe": config.recipe,
+        "progress": progress and local, "recipe": config.recipe, "load_token": load_token,
     } for job in jobs]
     bar = None
     if progress:
@@ -526,11 +537,7 @@ def run_compare(config: CompareConfig, out: str | Path, *, executor: Any = None,
         if bar is not None:
             bar.close()
     records = store.load()
-    ids: dict[str, set[str]] = {}
-    for record in records:
-        if record.get("weights") is not None:
-            ids.setdefault(record["model"], set()).add(record["weights"])
-    for model, found in ids.items():  # only possible where the weights were not checked before the jobs
+    for model, found in _recorded_weights(records).items():  # only where no check ran before the jobs
         if len(found) > 1:
             logger.warning("the results of %s in %s come from %d different weights (ids %s): rerun with --force",
                            model, out, len(found), ", ".join(sorted(found)))

@@ -331,18 +331,31 @@ def test_compare_under_a_recipe_composes_its_policies_and_records_it(tmp_path):
         run_compare(attrs.evolve(config, recipe="longliv"), tmp_path / "bad")
 
 
-def test_results_of_other_weights_are_refused(tmp_path, capsys):
-    """Same configuration, weights replaced in place (a retrained model): refused, then archived by --force."""
+def _lab_weights_copy(folder: Path) -> Path:
+    from cachepolicy.adapters.wan.drift_lab import packaged_weights
+
+    folder.mkdir()
+    for name in ("config.json", "weights.safetensors"):
+        (folder / name).write_bytes((packaged_weights() / name).read_bytes())
+    return folder
+
+
+def _retrain_in_place(folder: Path) -> None:
+    """Change one tensor of a lab weights folder by 1e-4 (what a retraining into the same path does)."""
     from safetensors.torch import load_file, save_file
 
-    from cachepolicy.adapters.wan.drift_lab import packaged_weights
+    tensors = load_file(folder / "weights.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-4
+    save_file(tensors, folder / "weights.safetensors")
+
+
+def test_results_of_other_weights_are_refused(tmp_path, capsys):
+    """Same configuration, weights replaced in place (a retrained model): refused, then archived by --force."""
     from cachepolicy.api import load_model
     from cachepolicy.models import module_weights_id
 
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    for name in ("config.json", "weights.safetensors"):
-        (weights / name).write_bytes((packaged_weights() / name).read_bytes())
+    weights = _lab_weights_copy(tmp_path / "weights")
     out = tmp_path / "cmp"
     args = ["compare", "drift-lab", "--model-option", f"path={weights}", "--policies", "full",
             "--prompts", "a red triangle bouncing slowly over a gray-to-purple gradient", "--seeds", "0",
@@ -354,10 +367,7 @@ def test_results_of_other_weights_are_refused(tmp_path, capsys):
     assert old_id == module_weights_id(load_model("drift-lab", path=str(weights)).model)
     assert main(args) == 0 and results.read_bytes() == before  # same weights: resumed, nothing to do
 
-    tensors = load_file(weights / "weights.safetensors")
-    name = sorted(tensors)[0]
-    tensors[name] = tensors[name] + 1e-4
-    save_file(tensors, weights / "weights.safetensors")
+    _retrain_in_place(weights)
     new_id = module_weights_id(load_model("drift-lab", path=str(weights)).model)
     assert new_id != old_id
     assert main(args) == 2
@@ -367,3 +377,31 @@ def test_results_of_other_weights_are_refused(tmp_path, capsys):
     assert main(args + ["--force"]) == 0
     assert [a.read_bytes() for a in out.glob("archive-*/results.jsonl")] == [before]
     assert json.loads(results.read_bytes())["weights"] == new_id
+
+
+class _UncheckedExecutor:
+    """Runs jobs in this process like a remote executor would: the driver loads no model beforehand."""
+
+    name = "unchecked"
+
+    def map_unordered(self, worker, payloads):
+        for payload in payloads:
+            yield worker(payload)
+
+
+def test_mixed_weights_without_a_check_before_the_jobs_are_reported(tmp_path, caplog):
+    weights = _lab_weights_copy(tmp_path / "weights")
+    config = CompareConfig(model="drift-lab", policies=["full"], seeds=[0, 1], num_chunks=1,
+                           prompts=["a red triangle bouncing slowly over a gray-to-purple gradient"],
+                           metrics=["cache-tokens"], model_options={"path": str(weights)})
+    out = tmp_path / "cmp"
+    run_compare(config, out, executor=_UncheckedExecutor())
+    results = out / "results.jsonl"
+    first_line = results.read_text().splitlines()[0]
+    results.write_text(first_line + "\n")  # a run killed after its first job
+    _retrain_in_place(weights)
+    with caplog.at_level("WARNING", logger="cachepolicy.compare"):
+        run_compare(config, out, executor=_UncheckedExecutor())
+    ids = {json.loads(line)["weights"] for line in results.read_text().splitlines()}
+    assert len(ids) == 2
+    assert f"come from 2 different weights (ids {', '.join(sorted(ids))})" in caplog.text
