@@ -326,7 +326,7 @@ class ResultsStore:
 _MODEL_CACHE: dict[str, Any] = {}
 
 
-def _load_model_cached(model: str, options: Mapping[str, Any], load_token: str = "") -> Any:
+def _load_model_cached(model: str, options: Mapping[str, Any], load_token: str) -> Any:
     """The process's loaded model for these options within one comparison (``load_token``, new per
     :func:`run_compare` call): the jobs of a comparison share a load, a later comparison loads anew (the
     weights may have been retrained at the same path since)."""
@@ -374,7 +374,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     from cachepolicy.registry import get_registry
 
     job = Job(**payload["job"])
-    adapter = _load_model_cached(job.model, payload["model_options"], payload.get("load_token", ""))
+    adapter = _load_model_cached(job.model, payload["model_options"], payload["load_token"])
     recipe_name = payload.get("recipe")
     policies = build_policies(*_recipe_specs(recipe_name, job.policy))
     if recipe_name is not None:
