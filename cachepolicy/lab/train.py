@@ -15,7 +15,7 @@ reproducible from its seed and a resumed run continues exactly where it stopped.
     OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=2 python -m cachepolicy.lab.train \\
         --out runs/drift-lab --seed 0 --steps 7000 --minutes 150 --threads 2
 
-The default recipe (every default of the CLI): 16x16 RGB frames, sprites of 5 px, 1-3 sprites;
+The default recipe (every default of the CLI): 16x16 RGB frames, sprites of 5 px, 1-2 sprites;
 latent = pixel-unshuffle by 2 (12 channels on an 8x8 grid), Wan patch ``(1, 1, 1)`` so one token is a
 2x2-pixel block (64 tokens per frame); 4 blocks of width 128 (4 heads x 32), FFN 512, text_dim 64
 (1.21 M parameters, 4.9 MB in float32); trained context 4 chunks of 3 frames (768 tokens); batch 8,
