@@ -2,7 +2,8 @@
 
 They apply to models whose entry says ``provides_ground_truth`` (``drift-lab``); for other models they are
 not in the default metric set and give NaN if asked for. Each compares the decoded frames with the
-prompt's scene (:func:`cachepolicy.lab.metrics.evaluate_video`), per chunk:
+prompt's scene drawn at the model's sprite size (the adapter's ground truth, a
+:class:`cachepolicy.lab.metrics.SceneTruth`; :func:`cachepolicy.lab.metrics.evaluate_video`), per chunk:
 
 * ``scene-background-error``: mean absolute error against the prompt's background, away from sprites;
 * ``scene-count-error``: sum over sprite groups of ``|sprites found - sprites asked for|``;
@@ -33,11 +34,15 @@ class SceneMetric(Metric):
     def compute(self, job: JobData) -> MetricValue:
         if job.ground_truth is None or job.frames is None:
             return MetricValue(math.nan, [math.nan] * job.num_chunks)
-        from cachepolicy.lab.metrics import evaluate_video, summarize
+        from cachepolicy.lab.metrics import SceneTruth, evaluate_video, summarize
 
+        truth = job.ground_truth
+        if not isinstance(truth, SceneTruth):  # a bare SceneSpec: the default geometry
+            truth = SceneTruth(truth)
         frames = job.frames.float().numpy() * 2.0 - 1.0  # the lab's frames are in [-1, 1]
-        per_chunk = summarize(evaluate_video(frames, job.ground_truth, chunk_frames=job.frames_per_chunk),
-                              job.frames_per_chunk)[self.key]
+        per_frame = evaluate_video(frames, truth.spec, chunk_frames=job.frames_per_chunk,
+                                   sprite_size=truth.scene.sprite_size)
+        per_chunk = summarize(per_frame, job.frames_per_chunk)[self.key]
         curve = [float(v) for v in per_chunk]
         tail = [v for v in curve[-max(1, len(curve) // 4):] if not math.isnan(v)]
         return MetricValue(sum(tail) / len(tail) if tail else math.nan, curve)

@@ -78,10 +78,12 @@ class DriftLabAdapter(WanAdapter):
         return ((frames + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def ground_truth(self, prompt: str, seed: int, num_frames: int) -> Any:
-        """The prompt's scene description (sprites' colours, shapes, counts; background)."""
+        """The prompt's scene (sprites' colours, shapes, counts; background) and this model's scene
+        geometry (its sprite size), as a :class:`cachepolicy.lab.metrics.SceneTruth`."""
+        from cachepolicy.lab.metrics import SceneTruth
         from cachepolicy.lab.scenes import parse_prompt
 
-        return parse_prompt(prompt)
+        return SceneTruth(parse_prompt(prompt), self.lab_config.scene)
 
 
 def load_drift_lab(path: str | None = None, *, device: str = "cpu", dtype: str = "float32") -> DriftLabAdapter:

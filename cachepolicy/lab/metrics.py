@@ -23,6 +23,7 @@ import numpy as np
 from cachepolicy.lab.errors import LabError
 from cachepolicy.lab.scenes import (
     SPRITE_COLOURS,
+    SceneConfig,
     SceneSpec,
     background_image,
     colour_to_model_range,
@@ -31,6 +32,7 @@ from cachepolicy.lab.scenes import (
 
 __all__ = [
     "Blob",
+    "SceneTruth",
     "colour_histogram",
     "colour_histogram_drift",
     "connected_components",
@@ -45,6 +47,27 @@ __all__ = [
 #: Default colour tolerance (RGB distance in [-1, 1] units) for assigning a pixel to a sprite colour.
 #: Sprite colours are at least 0.7 from every background and about 0.5 from each other in this range.
 DEFAULT_TOLERANCE = 0.3
+
+
+@attrs.frozen
+class SceneTruth:
+    """What the prompt-referenced metrics need to judge a generated video: the prompt's scene and the
+    geometry the model was trained on (the drift-lab adapter's ``ground_truth``).
+
+    Attributes:
+        spec: the prompt's scene (sprite groups, speed, background).
+        scene: the model's scene geometry; its ``sprite_size`` (pixels) sets the stamp areas that
+            count and size errors compare against.
+    """
+
+    spec: SceneSpec
+    scene: SceneConfig = SceneConfig()
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.spec, SceneSpec):
+            raise LabError(f"SceneTruth.spec must be a SceneSpec, got {type(self.spec).__name__}")
+        if not isinstance(self.scene, SceneConfig):
+            raise LabError(f"SceneTruth.scene must be a SceneConfig, got {type(self.scene).__name__}")
 
 
 def _frames(frames: object) -> np.ndarray:

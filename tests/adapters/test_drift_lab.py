@@ -42,6 +42,7 @@ def test_loads_with_its_recipe_and_matches_the_full_forward(lab_weights, registr
 
 
 def test_decoding_is_the_exact_inverse_of_the_latent_transform(lab_weights, registry):
+    from cachepolicy.lab.metrics import SceneTruth
     from cachepolicy.lab.scenes import build_scene
 
     adapter = registry.model("drift-lab").load(path=str(lab_weights))
@@ -50,7 +51,7 @@ def test_decoding_is_the_exact_inverse_of_the_latent_transform(lab_weights, regi
     latent = adapter.lab_config.latent.encode(frames)  # [1, 12, T, 8, 8]
     decoded = adapter.decode(latent)[0]
     assert torch.allclose(decoded, (frames + 1) / 2, atol=1e-7)
-    assert adapter.ground_truth(PROMPT, 3, frames.shape[0]) == scene.spec
+    assert adapter.ground_truth(PROMPT, 3, frames.shape[0]) == SceneTruth(scene.spec, adapter.lab_config.scene)
 
 
 def test_prompts_with_more_sprites_than_trained_are_refused(tmp_path, registry):
@@ -98,6 +99,35 @@ def test_scene_metrics_are_zero_on_the_true_video_and_see_a_planted_change(regis
     assert registry.metric("scene-background-error")().compute(job(planted)).per_chunk[3] > 0.05
     no_truth = attrs.evolve(job(frames), ground_truth=None)
     assert math.isnan(registry.metric("scene-count-error")().compute(no_truth).value)
+
+
+def test_scene_metrics_judge_sprites_at_the_model_sprite_size(tmp_path, registry):
+    """A model trained on 6-pixel sprites: its true videos score 0; judged at the default 5 pixels they would
+    not (the stamps' areas differ), so the adapter's ground truth must carry the model's geometry."""
+    from cachepolicy.adapters.wan.tiny import randomize_
+    from cachepolicy.lab.checkpoint import save_weights_dir
+    from cachepolicy.lab.model import LabConfig, build_transformer
+    from cachepolicy.lab.scenes import SceneConfig, build_scene
+    from cachepolicy.metrics import JobData
+
+    config = attrs.evolve(LabConfig(), scene=SceneConfig(sprite_size=6, max_sprites=2), layers=1, heads=2,
+                          dim_head=16, ffn_dim=32, sampler_steps=2)
+    model = randomize_(build_transformer(config, seed=0), seed=0)
+    save_weights_dir(tmp_path / "final", config, {k: v.contiguous() for k, v in model.state_dict().items()})
+    adapter = registry.model("drift-lab").load(path=str(tmp_path / "final"))
+    scene = build_scene(PROMPT, seed=2, config=config.scene)
+    frames = (torch.from_numpy(scene.frames) + 1) / 2  # [12, 3, 16, 16] in [0, 1], 6-pixel sprites
+    truth = adapter.ground_truth(PROMPT, 2, 12)
+    assert truth.scene.sprite_size == 6
+
+    def size_error(ground_truth):
+        job = JobData(latents=torch.zeros(12, 12, 8, 8), frames=frames, trace=[{}] * 4, frames_per_chunk=3,
+                      token_grid=None, prompt=PROMPT, seed=2, policy="full", ground_truth=ground_truth)
+        return registry.metric("scene-size-error")().compute(job).value
+
+    assert size_error(truth) == pytest.approx(0.0, abs=1e-6)
+    # a 6-pixel square is 36 pixels against 25 at the default size: (36 - 25) / 25 = 0.44 for the red square
+    assert size_error(truth.spec) > 0.2
 
 
 def test_ground_truth_metrics_are_default_only_for_models_that_provide_ground_truth():

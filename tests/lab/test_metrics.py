@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cachepolicy.lab.errors import LabError
 from cachepolicy.lab.metrics import (
+    SceneTruth,
     colour_histogram_drift,
     connected_components,
     evaluate_video,
@@ -91,3 +93,12 @@ def test_palette_histogram_rows_sum_to_one():
     h = palette_histogram(s.frames, s.spec)
     assert h.shape == (12, 4) and np.allclose(h.sum(axis=1), 1.0)
     assert np.allclose(h[:, 0], 2 * 25 / 256)  # two red 5x5 squares
+
+
+def test_scene_truth_names_a_bad_field():
+    spec = build_scene(PROMPT, seed=0).spec
+    assert SceneTruth(spec).scene.sprite_size == 5  # the default geometry
+    with pytest.raises(LabError, match=r"SceneTruth.spec must be a SceneSpec, got str"):
+        SceneTruth(PROMPT)
+    with pytest.raises(LabError, match=r"SceneTruth.scene must be a SceneConfig, got dict"):
+        SceneTruth(spec, {"sprite_size": 6})
