@@ -14,17 +14,25 @@ from tests.oracle import Recorder, check_rollout_against_full_forward
 PROMPT = "a white disc and a red square bouncing slowly over a teal-to-purple gradient"
 
 
-@pytest.fixture
-def lab_weights(tmp_path):
-    """A small random drift-lab model saved in the lab's weights format (every parameter randomised)."""
+def save_random_lab_weights(folder, config):
+    """Save a drift-lab model of ``config`` with every parameter randomised (seed 0) to ``folder``, in the
+    lab's weights format; returns ``folder``."""
     from cachepolicy.adapters.wan.tiny import randomize_
     from cachepolicy.lab.checkpoint import save_weights_dir
-    from cachepolicy.lab.model import LabConfig, build_transformer
+    from cachepolicy.lab.model import build_transformer
+
+    model = randomize_(build_transformer(config, seed=0), seed=0)
+    save_weights_dir(folder, config, {k: v.contiguous() for k, v in model.state_dict().items()})
+    return folder
+
+
+@pytest.fixture
+def lab_weights(tmp_path):
+    """A small random drift-lab model saved in the lab's weights format."""
+    from cachepolicy.lab.model import LabConfig
 
     config = attrs.evolve(LabConfig(), layers=2, heads=2, dim_head=16, ffn_dim=64, sampler_steps=4)
-    model = randomize_(build_transformer(config, seed=0), seed=0)
-    save_weights_dir(tmp_path / "final", config, {k: v.contiguous() for k, v in model.state_dict().items()})
-    return tmp_path / "final"
+    return save_random_lab_weights(tmp_path / "final", config)
 
 
 def test_loads_with_its_recipe_and_matches_the_full_forward(lab_weights, registry):
@@ -55,18 +63,14 @@ def test_decoding_is_the_exact_inverse_of_the_latent_transform(lab_weights, regi
 
 
 def test_prompts_with_more_sprites_than_trained_are_refused(tmp_path, registry):
-    from cachepolicy.adapters.wan.tiny import randomize_
-    from cachepolicy.lab.checkpoint import save_weights_dir
     from cachepolicy.lab.errors import PromptError, UnknownWordError
-    from cachepolicy.lab.model import LabConfig, build_transformer
+    from cachepolicy.lab.model import LabConfig
     from cachepolicy.lab.scenes import SceneConfig
     from cachepolicy.lab.text import embed_prompts
 
     config = attrs.evolve(LabConfig(), scene=SceneConfig(max_sprites=2), layers=1, heads=2, dim_head=16,
                           ffn_dim=32, sampler_steps=2)
-    model = randomize_(build_transformer(config, seed=0), seed=0)
-    save_weights_dir(tmp_path / "final", config, {k: v.contiguous() for k, v in model.state_dict().items()})
-    adapter = registry.model("drift-lab").load(path=str(tmp_path / "final"))
+    adapter = registry.model("drift-lab").load(path=str(save_random_lab_weights(tmp_path / "final", config)))
     two = ["a white disc and a red square bouncing slowly over a teal-to-purple gradient", "", "red disc"]
     assert torch.equal(adapter.encode_prompts(two), embed_prompts(two, config.text))  # 2 sprites, "", words
     three = "two cyan discs and a red square bouncing slowly over a teal-to-purple gradient"
@@ -104,17 +108,13 @@ def test_scene_metrics_are_zero_on_the_true_video_and_see_a_planted_change(regis
 def test_scene_metrics_judge_sprites_at_the_model_sprite_size(tmp_path, registry):
     """A model trained on 6-pixel sprites: its true videos score 0; judged at the default 5 pixels they would
     not (the stamps' areas differ), so the adapter's ground truth must carry the model's geometry."""
-    from cachepolicy.adapters.wan.tiny import randomize_
-    from cachepolicy.lab.checkpoint import save_weights_dir
-    from cachepolicy.lab.model import LabConfig, build_transformer
+    from cachepolicy.lab.model import LabConfig
     from cachepolicy.lab.scenes import SceneConfig, build_scene
     from cachepolicy.metrics import JobData
 
     config = attrs.evolve(LabConfig(), scene=SceneConfig(sprite_size=6, max_sprites=2), layers=1, heads=2,
                           dim_head=16, ffn_dim=32, sampler_steps=2)
-    model = randomize_(build_transformer(config, seed=0), seed=0)
-    save_weights_dir(tmp_path / "final", config, {k: v.contiguous() for k, v in model.state_dict().items()})
-    adapter = registry.model("drift-lab").load(path=str(tmp_path / "final"))
+    adapter = registry.model("drift-lab").load(path=str(save_random_lab_weights(tmp_path / "final", config)))
     scene = build_scene(PROMPT, seed=2, config=config.scene)
     frames = (torch.from_numpy(scene.frames) + 1) / 2  # [12, 3, 16, 16] in [0, 1], 6-pixel sprites
     truth = adapter.ground_truth(PROMPT, 2, 12)
@@ -126,7 +126,8 @@ def test_scene_metrics_judge_sprites_at_the_model_sprite_size(tmp_path, registry
         return registry.metric("scene-size-error")().compute(job).value
 
     assert size_error(truth) == pytest.approx(0.0, abs=1e-6)
-    # a 6-pixel square is 36 pixels against 25 at the default size: (36 - 25) / 25 = 0.44 for the red square
+    # 6-pixel stamps judged against 5-pixel ones: 36 against 25 pixels for the square, (36 - 25) / 25 = 0.44;
+    # this video measures 0.48 (disc and square)
     assert size_error(truth.spec) > 0.2
 
 
