@@ -117,8 +117,9 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def _write_videos(adapter: ModelAdapter, latents: Any, folder: Path) -> list[Path]:
-    """``video.mp4`` and ``video.gif`` of the decoded latents, or nothing for a model without a decoder."""
+def _write_videos(adapter: ModelAdapter, latents: Any, folder: Path, columns: int | None = None) -> list[Path]:
+    """``video.mp4`` and ``video.gif`` of the decoded latents (``columns`` samples per row, None: one row),
+    or nothing for a model without a decoder."""
     from cachepolicy.outputs import save_videos
 
     try:
@@ -126,21 +127,26 @@ def _write_videos(adapter: ModelAdapter, latents: Any, folder: Path) -> list[Pat
     except NotImplementedError:
         logger.info("model %s has no decoder: no video written", adapter.info.name)
         return []
-    return save_videos(folder, frames)
+    return save_videos(folder, frames, columns=columns)
 
 
 def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequence[Policy], *, out: str | Path,
                num_chunks: int, seed: int = 0, batch: int = 1, prompts: Sequence[str] | None = None,
                model_options: dict[str, Any] | None = None, force: bool = False,
                progress: bool = False, recipe: str | Recipe | None = None,
-               prompt_switches: Sequence[PromptSwitch] = ()) -> dict[str, Any]:
+               prompt_switches: Sequence[PromptSwitch] = (), video_columns: int | None = None) -> dict[str, Any]:
     """One rollout written to ``out`` (``run.json``, ``trace.jsonl``, ``latents.safetensors``, and
     ``video.mp4`` / ``video.gif`` of the decoded frames when the model has a decoder).
 
     Samples get seeds ``seed, seed+1, ...``; ``prompts`` has one entry per sample (a single prompt is
-    repeated over the batch). ``recipe`` and ``prompt_switches`` as in :func:`rollout`. On a model failure (non-finite output) the chunks finished so far are
-    written, ``run.json`` says ``"status": "failed"``, and the error is raised.
+    repeated over the batch). ``recipe`` and ``prompt_switches`` as in :func:`rollout`. The videos show
+    the samples side by side, ``video_columns`` per row (None: all in one row). On a model failure
+    (non-finite output) the chunks finished so far are written, ``run.json`` says ``"status": "failed"``,
+    and the error is raised.
     """
+    from cachepolicy.outputs import check_video_columns
+
+    check_video_columns(video_columns)  # before anything runs or is written
     if isinstance(policies, str):
         policies = [policies]
     built: list[Policy] = []
@@ -200,7 +206,7 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
         writer.close()
     save_latents(folder / LATENTS_FILE, result.latents,
                  metadata={"frames_per_chunk": str(info.frames_per_chunk), "model": model_name})
-    videos = _write_videos(adapter, result.latents, folder)
+    videos = _write_videos(adapter, result.latents, folder, video_columns)
     run.update(status="completed", chunks_completed=len(result.trace),
                seconds=sum(r["seconds"] for r in result.trace), videos=[p.name for p in videos])
     atomic_write_json(folder / RUN_FILE, run)

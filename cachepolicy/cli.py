@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch", type=_positive, default=1, help="samples, seeded seed, seed+1, ... (default 1)")
     run.add_argument("--prompt", action="append", default=[], help="prompt (repeat for one per sample)")
     run.add_argument("--out", required=True, help="output folder")
+    run.add_argument("--columns", type=_positive, default=None,
+                     help="samples per row of video.mp4/video.gif (default: all in one row)")
     run.add_argument("--device", default=None, help="torch device of the model (default: the loader's, cpu)")
     run.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     run.add_argument("--model-option", action="append", default=[], type=_parse_option, metavar="KEY=VALUE",
@@ -261,7 +263,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     paths = run_to_dir(args.model, policies, out=args.out, num_chunks=args.chunks, seed=args.seed,
                        batch=args.batch, prompts=args.prompt or None, model_options=_model_options(args),
                        force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
-                       recipe=recipe, prompt_switches=args.switch)
+                       recipe=recipe, prompt_switches=args.switch, video_columns=args.columns)
     logger.info("run finished")
     print(f"wrote {paths['latents']}")
     print(f"wrote {paths['trace']}")

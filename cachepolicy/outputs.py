@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cachepolicy.errors import CachePolicyError, RolloutConfigError
+from cachepolicy.errors import CachePolicyError, ParameterError, RolloutConfigError
 
 RUN_FILE = "run.json"
 TRACE_FILE = "trace.jsonl"
@@ -102,23 +102,38 @@ def read_run(folder: str | Path) -> tuple[Any, dict[str, Any], list[dict[str, An
     return latents, run, trace
 
 
-def save_videos(folder: Path, frames: Any, fps: int = 8, min_size: int = 128) -> list[Path]:
+def check_video_columns(columns: Any) -> None:
+    """Raise :class:`ParameterError` unless ``columns`` (samples per row of the videos) is None or an int >= 1."""
+    if columns is not None and (not isinstance(columns, int) or isinstance(columns, bool) or columns < 1):
+        raise ParameterError(f"video columns must be a positive integer (samples per row), got {columns!r}")
+
+
+def save_videos(folder: Path, frames: Any, fps: int = 8, min_size: int = 128,
+                columns: int | None = None) -> list[Path]:
     """Write ``video.mp4`` and ``video.gif`` of decoded frames ``[B, T, 3, H, W]`` in [0, 1].
 
-    Samples are laid side by side; small frames are enlarged (nearest neighbour) to at least ``min_size``
-    pixels high so that they can be seen. The MP4 uses the ffmpeg that ``imageio-ffmpeg`` ships.
+    Samples are laid side by side, in rows of ``columns`` samples (None: one row), left to right then top
+    to bottom; slots past the last sample stay black. Small frames are enlarged (nearest neighbour) to at
+    least ``min_size`` pixels high so that they can be seen. The MP4 uses the ffmpeg that
+    ``imageio-ffmpeg`` ships.
     """
     import imageio.v3 as iio
     import numpy as np
     import torch
 
+    check_video_columns(columns)
     video = frames.detach().float().cpu().clamp(0, 1)
     batch, steps, _, height, width = video.shape
     scale = max(1, -(-min_size // height))
     if scale > 1:
         video = torch.nn.functional.interpolate(video.flatten(0, 1), scale_factor=scale, mode="nearest")
         video = video.unflatten(0, (batch, steps))
-    video = torch.cat(list(video), dim=-1)  # samples side by side: [T, 3, H, B * W]
+    per_row = batch if columns is None else min(columns, batch)
+    rows = -(-batch // per_row)
+    if rows * per_row > batch:  # black slots after the last sample
+        video = torch.cat([video, video.new_zeros((rows * per_row - batch, *video.shape[1:]))])
+    # [rows * per_row, T, 3, h, w] -> [T, 3, rows * h, per_row * w]
+    video = torch.cat([torch.cat(list(video[r * per_row:(r + 1) * per_row]), dim=-1) for r in range(rows)], dim=-2)
     pixels = (video.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
     pixels = np.ascontiguousarray(pixels[:, : pixels.shape[1] // 2 * 2, : pixels.shape[2] // 2 * 2])
     written = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from cachepolicy.cli import main
@@ -92,3 +93,41 @@ def test_recipes_lists_the_built_in_recipes(capsys):
     with pytest.raises(SystemExit):
         main(["run", "tiny-wan", "--chunks", "2", "--switch", "x:y", "--out", "x"])
     assert "write CHUNK:PROMPT" in capsys.readouterr().err
+
+
+def test_videos_tile_samples_in_rows_of_columns(tmp_path):
+    """Five flat-coloured samples in rows of two: tile (row, col) shows sample ``2 * row + col``; the sixth
+    slot is black. ``columns=None`` keeps one row."""
+    import imageio.v3 as iio
+
+    from cachepolicy.errors import ParameterError
+    from cachepolicy.outputs import save_videos
+
+    colours = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.float32)
+    # [B, T, 3, H, W]: sample b shows colour b in frame 0 and colour b + 1 in frame 1
+    frames = torch.stack([colours, colours.roll(-1, 0)], dim=1).view(5, 2, 3, 1, 1).expand(5, 2, 3, 16, 16)
+    save_videos(tmp_path, frames, columns=2)
+    gif = iio.imread(tmp_path / "video.gif", index=None)[..., :3]
+    assert gif.shape == (2, 3 * 128, 2 * 128, 3)
+    for slot in range(6):
+        row, col = divmod(slot, 2)
+        for t in range(2):
+            tile = gif[t, row * 128:(row + 1) * 128, col * 128:(col + 1) * 128]
+            want = colours[(slot + t) % 5] * 255 if slot < 5 else torch.zeros(3)
+            assert (tile == want.numpy().astype("uint8")).all(), (slot, t)
+    save_videos(tmp_path, frames)
+    assert iio.imread(tmp_path / "video.gif", index=None).shape[1:3] == (128, 5 * 128)
+    with pytest.raises(ParameterError, match=r"video columns must be a positive integer \(samples per row\), got 0"):
+        save_videos(tmp_path, frames, columns=0)
+
+
+def test_run_refuses_bad_video_columns_before_writing(tmp_path):
+    from cachepolicy.api import run_to_dir
+    from cachepolicy.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="got -1"):
+        run_to_dir("tiny-wan", "full", out=tmp_path / "run", num_chunks=1, video_columns=-1)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):  # argparse: "argument --columns: must be at least 1"
+        main(["run", "tiny-wan", "--chunks", "1", "--columns", "0", "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
