@@ -17,6 +17,13 @@ Per chunk ``c`` of ``F = frames_per_chunk`` latent frames (absolute frames ``[c*
 5. ``select``: every policy protects and/or drops resident tokens; the composed keep set is applied once
    by compacting the cache in frame order; ``after_compaction``; ``chunk_end``.
 
+Classifier-free guidance (``Sampler(guidance=w)``, ``w != 1``): every forward of steps 2 and 4 runs twice,
+with the prompts against :attr:`Session.cache` and with the empty prompt against
+:attr:`Session.unconditional_cache`; a denoising step uses ``v = v_uncond + w * (v_cond - v_uncond)``.
+Both caches receive the same commits and every keep set, so they hold the same tokens; policies see the
+conditional one (``session.caches`` lists both). A LongLive re-cache re-encodes the conditional cache only
+(the unconditional branch's prompt does not switch).
+
 A policy may return a :class:`~cachepolicy.policy.PruneRequest` from ``after_step`` or ``candidate_ready``:
 the engine removes the requested (unprotected) tokens from the cache for the listed samples and restarts
 the chunk from step 1 with the *same* noise, at most ``max_restarts`` times per requesting policy and
@@ -258,16 +265,39 @@ class Session:
             raise PluginLoadError(f"policy {exc.plugin!s} does not fit the rollout hooks: {exc}") from exc
         self.policy_state: dict[str, Any] = {p.spec: p.new_state() for p in self.policies}
         rope_mode = self.recipe.rope_mode if self.recipe is not None else "absolute"
-        # adapters written before RoPE modes take no rope_mode; they are only asked for the default
-        self.cache: KVCache = (adapter.new_cache(self.batch_size) if rope_mode == "absolute"
-                               else adapter.new_cache(self.batch_size, rope_mode=rope_mode))
+        self.cache: KVCache = self._new_cache(rope_mode)
+        #: classifier-free guidance (``sampler.guidance != 1``): the unconditional branch's own cache, which
+        #: holds the same tokens as :attr:`cache` (same commits, same keep sets) with K/V computed under the
+        #: empty prompt; None without guidance. Policies see and select on :attr:`cache`.
+        self.unconditional_cache: KVCache | None = self._new_cache(rope_mode) if self.sampler.guided else None
         self.conditioning: Any = None
+        #: the empty prompt's conditioning for the unconditional branch (encoded by :meth:`check`)
+        self.unconditional: Any = None
         #: the conditioning of the first prompts (key -1) and of each prompt switch (key: its chunk), encoded
         #: by :meth:`check`, so a prompt the model cannot take fails before anything is generated or written
         self._encoded: dict[int, Any] | None = None
         self.chunk: int = -1
         self.trace: list[dict[str, Any]] = []
         self.latents: list[torch.Tensor] = []
+
+    def _new_cache(self, rope_mode: str) -> KVCache:
+        # adapters written before RoPE modes take no rope_mode; they are only asked for the default
+        if rope_mode == "absolute":
+            return self.adapter.new_cache(self.batch_size)
+        return self.adapter.new_cache(self.batch_size, rope_mode=rope_mode)
+
+    @property
+    def caches(self) -> tuple[KVCache, ...]:
+        """Every KV cache of the rollout: :attr:`cache`, then :attr:`unconditional_cache` under guidance.
+        They always hold the same tokens; a policy that edits cached K/V in place edits each of them."""
+        if self.unconditional_cache is None:
+            return (self.cache,)
+        return (self.cache, self.unconditional_cache)
+
+    def _compact(self, keep: torch.Tensor, pin: torch.Tensor | None = None) -> None:
+        """Apply one keep set ``[B, S]`` to every cache (they stay token for token aligned)."""
+        for cache in self.caches:
+            cache.compact(keep, pin=pin)
 
     # -------------------------------------------------------------------------------------- checks
     def check(self) -> None:
@@ -299,6 +329,8 @@ class Session:
                 prompts = list(switch.prompts) * (self.batch_size if len(switch.prompts) == 1 else 1)
                 encoded[switch.chunk] = self.adapter.encode_prompts(prompts)
             self._encoded = encoded
+            if self.sampler.guided:
+                self.unconditional = self.adapter.encode_prompts([""] * self.batch_size)
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> RolloutResult:
@@ -365,9 +397,15 @@ class Session:
         if sync:
             torch.cuda.synchronize(self.cache.device)
         start = time.perf_counter()
+        rope_start = self._rope_start(chunk, frame_start) if rope_start is None else rope_start
         out = self.adapter.forward(latent, timesteps, frame_start, chunk, self.cache, self.conditioning, commit,
-                                   rope_start=self._rope_start(chunk, frame_start) if rope_start is None
-                                   else rope_start, **extra)
+                                   rope_start=rope_start, **extra)
+        if self.unconditional_cache is not None:
+            uncond = self.adapter.forward(latent, timesteps, frame_start, chunk, self.unconditional_cache,
+                                          self.unconditional, commit, rope_start=rope_start, **extra)
+            if not commit:  # v = v_uncond + w * (v_cond - v_uncond), in float32 at least
+                wide = torch.promote_types(out.dtype, torch.float32)
+                out = (uncond.to(wide) + self.sampler.guidance * (out.to(wide) - uncond.to(wide))).to(out.dtype)
         if sync:
             torch.cuda.synchronize(self.cache.device)
         timer[0] += time.perf_counter() - start
@@ -461,7 +499,7 @@ class Session:
         selections: dict[str, Selection | None] = dict(
             call_each(self.pm, "cachepolicy_select", session=self, view=view))
         resolution = compose(selections, view.valid)
-        self.cache.compact(resolution.keep, pin=resolution.protected)
+        self._compact(resolution.keep, pin=resolution.protected)
         call_each(self.pm, "cachepolicy_after_compaction", session=self, chunk=chunk)
 
         self.latents.append(latent.detach().to("cpu"))
@@ -476,7 +514,7 @@ class Session:
             "dropped_tokens": dropped,
             "retries": attempt,
             "retries_per_sample": list(self._retries_per_sample(restarts)),
-            "cache_bytes": self.cache.nbytes(),
+            "cache_bytes": sum(cache.nbytes() for cache in self.caches),
             **recipe_record,
         }
         for name, extra in call_each(self.pm, "cachepolicy_chunk_end", session=self, chunk=chunk):
@@ -504,7 +542,8 @@ class Session:
             # a new rollout: empty cache, the last generated frames committed at RoPE position 0
             overlap = torch.cat(self.latents, dim=2)[:, :, -restart.overlap_frames:]
             overlap = overlap.to(device=self.cache.device, dtype=self.cache.dtype)
-            self.cache.clear()
+            for cache in self.caches:
+                cache.clear()
             self._forward(overlap, self.sampler.context_noise, frame_start - restart.overlap_frames, chunk - 1,
                           True, timer, rope_start=0)
             record["restart_overlap_frames"] = [frame_start - restart.overlap_frames, frame_start]
@@ -521,6 +560,7 @@ class Session:
                     latent = latent.to(device=self.cache.device, dtype=self.cache.dtype)
                     timesteps = torch.full((self.batch_size, count), float(self.sampler.context_noise))
                     start = time.perf_counter()
+                    # the conditional cache only: the unconditional branch's prompt ("") does not switch
                     replaced = self.adapter.reencode(latent, timesteps, first, self.cache, self.conditioning,
                                                      rope_start=self._rope_start(chunk, first))
                     timer[0] += time.perf_counter() - start
@@ -569,7 +609,7 @@ class Session:
                         int(removed.sum()), restart.nonzero().squeeze(1).tolist(), request.reason)
         if not bool(restart.any()):
             return None
-        self.cache.compact(view.valid & ~drop)
+        self._compact(view.valid & ~drop)
         return restart
 
     def _protected(self, view: CacheView) -> torch.Tensor:

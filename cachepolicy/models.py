@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,17 @@ class Sampler:
     context_noise: float = attrs.field(default=0.0, converter=float)
     noise: str = attrs.field(default="fresh")
     table: bool = False
+    guidance: float = attrs.field(default=1.0, converter=float)
+
+    @guidance.validator
+    def _check_guidance(self, attribute: attrs.Attribute, value: float) -> None:
+        if not (math.isfinite(value) and value >= 0.0):
+            raise ParameterError(f"sampler guidance must be a finite scale >= 0 (1 = no guidance), got {value!r}")
+
+    @property
+    def guided(self) -> bool:
+        """Whether steps run a second, unconditional forward (``guidance != 1``)."""
+        return self.guidance != 1.0
 
     @shift.validator
     def _check_shift(self, attribute: attrs.Attribute, value: float) -> None:
@@ -107,6 +119,7 @@ class Sampler:
             "context_noise": self.context_noise,
             "noise": self.noise,
             "table": self.table,
+            "guidance": self.guidance,
             "timesteps": self.timesteps(),
             "sigmas": self.sigmas(),
         }

@@ -12,7 +12,8 @@ Semantics, at chunk ``chunk=K`` only:
   drawn without replacement by a CPU generator seeded with ``seed``. Not both; with neither, every position.
 * ``target=kv``: right after chunk K is committed and the keep set applied (``after_compaction``), the cached
   keys and values of chunk K's resident tokens at those positions are corrupted, in every frame of the chunk,
-  every layer and every head. Nothing else in the cache is touched. The chunk's latent is clean.
+  every layer and every head (under classifier-free guidance, in both branches' caches). Nothing else in
+  the cache is touched. The chunk's latent is clean.
 * ``target=latent``: the chunk's clean latent is corrupted before the context pass (``before_commit``) on the
   latent pixels of those tokens' patches (all channels, all frames of the chunk); the committed K/V are
   then computed from the corrupted latent, and the corrupted latent is what the rollout returns.
@@ -239,6 +240,7 @@ class Fault(Policy):
             return
         state = self.state(session)
         cache = session.cache
+        caches = session.caches  # under classifier-free guidance: both branches' caches
         positions: torch.Tensor = state["positions"]
         view = cache.view()
         num_tokens = session.model.tokens_per_frame
@@ -259,11 +261,12 @@ class Fault(Policy):
                 where = {(f, s): i for i, (f, s) in enumerate(zip(frames, spatial))}
                 sources = torch.tensor([where.get((f, source_of[s]), i)
                                         for i, (f, s) in enumerate(zip(frames, spatial))])
-            generator = self._generator(session, b)
-            for tensor in (cache.k, cache.v):
-                values = tensor[:, b, index].transpose(0, 1)  # [n, layers, H, D]
-                new = corrupt(values, self.mode, self.scale, generator, sources)
-                tensor[:, b, index] = new.transpose(0, 1)
+            for branch in caches:  # the same draws for each branch (a fresh generator per cache)
+                generator = self._generator(session, b)
+                for tensor in (branch.k, branch.v):
+                    values = tensor[:, b, index].transpose(0, 1)  # [n, layers, H, D]
+                    new = corrupt(values, self.mode, self.scale, generator, sources)
+                    tensor[:, b, index] = new.transpose(0, 1)
             state["faulted"][b] = sorted(set(spatial))
         logger.info("fault: corrupted the cached K/V of chunk %d at positions %s (%s, scale %g)", chunk,
                     state["faulted"], self.mode, self.scale)

@@ -66,13 +66,18 @@ def oracle_mask(chunk: int, frames_per_chunk: int, tokens_per_frame: int, commit
 
 
 def check_rollout_against_full_forward(adapter: WanAdapter, result: RolloutResult, records: dict,
-                                       context_noise: float = 0.0) -> float:
-    """Largest |cached - oracle| model output over every forward of the rollout."""
+                                       context_noise: float = 0.0, guidance: float = 1.0) -> float:
+    """Largest |cached - oracle| model output over every forward of the rollout.
+
+    With ``guidance != 1`` the oracle is classifier-free guidance over two full forwards under the same
+    mask, one with the prompts and one with the empty prompt: ``u + guidance * (c - u)``.
+    """
     info = adapter.info
     F, tpf = info.frames_per_chunk, info.tokens_per_frame
     latents = result.latents
     batch = latents.shape[0]
     conditioning = adapter.encode_prompts(list(result.config.prompts))
+    empty = adapter.encode_prompts([""] * batch)
     worst = 0.0
     for fwd in records["forwards"]:
         c = fwd["chunk"]
@@ -82,6 +87,9 @@ def check_rollout_against_full_forward(adapter: WanAdapter, result: RolloutResul
         mask = oracle_mask(c, F, tpf, records["commits"], fwd["resident"], batch)
         with torch.no_grad():
             full = masked_forward(adapter.model, x, timestep, conditioning.cpu(), mask)
+            if guidance != 1.0:
+                uncond = masked_forward(adapter.model, x, timestep, empty.cpu(), mask)
+                full = uncond + guidance * (full - uncond)
         expected = full[:, :, c * F:]
         worst = max(worst, float((expected - fwd["output"].cpu()).abs().max()))
     return worst

@@ -351,3 +351,22 @@ def test_rolling_window_refuses_prompt_switches_and_absolute_rope():
     with pytest.raises(ParameterError, match="cannot be combined"):
         Recipe(name="x", summary="", rolling=get_recipe("rolling-forcing").rolling, rope_mode="raw",
                restart=get_recipe("causvid").restart)
+
+
+def test_rolling_window_guidance_zero_is_the_empty_prompt_run():
+    """Classifier-free guidance through the rolling window: with ``w = 0`` only the unconditional branch
+    counts, so the run equals an unguided run on empty prompts, TokenTrim's prunes and restarts included
+    (its prunes reach the unconditional branch's cache too)."""
+    recipe = get_recipe("rolling-forcing")
+    specs = merge_policy_specs(recipe, ["tokentrim:p=0.2,lambda=0,warmup=2,summary_at=final"])
+    runs = []
+    for prompts, guidance in ((PROMPTS, 0.0), (("", ""), 1.0)):
+        config = RolloutConfig(num_chunks=NUM_BLOCKS, prompts=prompts, seeds=SEEDS, recipe=recipe,
+                               sampler=attrs.evolve(recipe.sampler, guidance=guidance))
+        session = Session(load_tiny_wan(seed=3), build_policies(*specs), config)
+        runs.append((session.run(), session))
+    (guided, session), (empty, _) = runs
+    assert any(r["retries"] > 0 for r in empty.trace), [r["retries"] for r in empty.trace]
+    assert [r["retries"] for r in guided.trace] == [r["retries"] for r in empty.trace]
+    assert torch.allclose(guided.latents, empty.latents, atol=1e-5)
+    assert session.unconditional_cache.lengths == session.cache.lengths

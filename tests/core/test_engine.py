@@ -247,3 +247,60 @@ def test_fresh_and_predicted_noise_differ_only_after_the_first_step(tiny_wan):
     s2, _ = run(tiny_wan(seed=9), [predicted], chunks=1, sampler=Sampler(noise="predicted"))
     a, b = s1.policy_state[fresh.spec]["forwards"], s2.policy_state[predicted.spec]["forwards"]
     assert torch.equal(a[0]["x_t"], b[0]["x_t"]) and not torch.allclose(a[1]["x_t"], b[1]["x_t"])
+
+
+@pytest.mark.parametrize("spec", ["", "sliding-window:frames=6", "attention-sink:frames=3+sliding-window:frames=3"])
+def test_guided_rollout_matches_guidance_over_two_full_forwards(tiny_wan, registry, spec):
+    """Classifier-free guidance: every step equals ``u + w (c - u)`` of two block-causal full forwards
+    (prompt / empty prompt) under the keep sets, so the unconditional cache got every commit and keep set."""
+    from cachepolicy.models import Sampler
+    from tests.oracle import run_recorded
+
+    adapter = tiny_wan(seed=3)
+    sampler = Sampler(denoising_steps=(1000, 750, 500), shift=3.0, guidance=3.0)
+    result, records, session = run_recorded(adapter, registry, spec, 5, [0, 1], sampler=sampler)
+    assert session.unconditional_cache is not None and len(session.caches) == 2
+    assert session.unconditional_cache.lengths == session.cache.lengths
+    assert torch.equal(session.unconditional_cache.view().frame, session.cache.view().frame)
+    assert check_rollout_against_full_forward(adapter, result, records, guidance=3.0) <= 2e-5
+    # the oracle can tell: against unguided full forwards the same outputs are far off
+    assert check_rollout_against_full_forward(adapter, result, records) > 1e-2
+    assert result.trace[-1]["cache_bytes"] == session.cache.nbytes() + session.unconditional_cache.nbytes()
+
+
+def test_guided_prune_and_restart_prunes_both_branches(tiny_wan):
+    """A prune request mid-chunk (restart) removes the tokens from both caches: still the oracle."""
+    from cachepolicy.models import Sampler
+
+    adapter, recorder = tiny_wan(seed=5), Recorder()
+    sampler = Sampler(denoising_steps=(1000, 750, 500), shift=3.0, guidance=2.5)
+    pruner = PruneFirstFrame(at=2, bound=1)
+    session, result = run(adapter, [pruner, recorder], chunks=4, sampler=sampler)
+    assert result.trace[2]["retries"] == 1 and result.trace[2]["dropped_tokens"][pruner.spec] > 0
+    assert session.unconditional_cache.lengths == session.cache.lengths
+    records = session.policy_state[recorder.spec]
+    assert check_rollout_against_full_forward(adapter, result, records, guidance=2.5) <= 2e-5
+
+
+def test_guidance_zero_is_the_empty_prompt_and_one_is_unguided(tiny_wan):
+    """``w = 0`` samples the unconditional branch alone: the latents of a rollout whose prompts are empty;
+    ``w = 1`` runs one forward per step with a single cache."""
+    from cachepolicy.models import Sampler
+
+    steps = dict(denoising_steps=(1000, 500), shift=3.0)
+    _, zero = run(tiny_wan(seed=4), [], chunks=3, sampler=Sampler(**steps, guidance=0.0))
+    _, empty = run(tiny_wan(seed=4), [], chunks=3, prompts=("", ""), sampler=Sampler(**steps))
+    assert torch.allclose(zero.latents, empty.latents, atol=1e-5)
+    one, plain = run(tiny_wan(seed=4), [], chunks=3, sampler=Sampler(**steps, guidance=1.0))
+    assert one.unconditional_cache is None and one.caches == (one.cache,)
+    assert not torch.allclose(plain.latents, empty.latents, atol=1e-3)  # the prompts matter in this model
+
+
+@pytest.mark.parametrize("guidance", [float("nan"), -1.0, float("inf")])
+def test_guidance_must_be_a_finite_non_negative_scale(guidance):
+    from cachepolicy.errors import ParameterError
+    from cachepolicy.models import Sampler
+
+    with pytest.raises(ParameterError, match=r"sampler guidance must be a finite scale >= 0 \(1 = no guidance\), "
+                                             rf"got {guidance!r}"):
+        Sampler(guidance=guidance)

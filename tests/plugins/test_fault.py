@@ -114,6 +114,29 @@ def test_kv_fault_touches_only_chunk_k_at_the_positions(tiny_wan, registry, mode
     assert [r["faulted_positions"] for r in result.trace] == [[[], []], [positions, positions]]
 
 
+def test_kv_fault_under_guidance_corrupts_both_branches_caches(tiny_wan, registry):
+    """With classifier-free guidance the unconditional branch's cache holds the same tokens: the fault
+    hits the same tokens there (constant mode: both hold the scale exactly), nothing else."""
+    import attrs
+
+    sampler = attrs.evolve(FAST, guidance=2.0)
+    sessions = []
+    for spec in ("full", "full+fault:chunk=1,rows=1-2,cols=0-1,mode=constant,scale=3"):
+        session = Session(tiny_wan(seed=1), build_policies(spec, registry.policies),
+                          RolloutConfig(num_chunks=2, prompts=["a b", "c d"], seeds=[0, 1], sampler=sampler))
+        session.run()
+        sessions.append(session)
+    clean, faulty = sessions
+    hit = chunk_tokens(faulty, 1, [4, 5, 8, 9])
+    n = faulty.cache.max_length
+    for clean_cache, faulty_cache in zip(clean.caches, faulty.caches, strict=True):
+        for name in ("k", "v"):
+            before, after = getattr(clean_cache, name)[:, :, :n], getattr(faulty_cache, name)[:, :, :n]
+            changed = (before != after).any(dim=-1).any(dim=-1).any(dim=0)  # [B, S]
+            assert torch.equal(changed, hit) and bool((after[:, hit] == 3.0).all()), name
+    assert not torch.equal(clean.cache.k, clean.unconditional_cache.k)  # two branches, two caches
+
+
 @pytest.mark.parametrize("mode", ["noise", "constant", "swap"])
 def test_latent_fault_corrupts_the_committed_patches(tiny_wan, registry, mode):
     adapter = tiny_wan(seed=2)
