@@ -57,24 +57,23 @@ def rollout(adapter, registry, spec: str, chunks: int, seeds: list[int], sampler
 
 
 def load_lab_adapter(directory: str, steps: int | None) -> tuple[Any, Sampler]:
-    """A drift-lab model (``cachepolicy.lab``) wrapped by the stock Wan adapter, and its sampler.
+    """The drift-lab model in ``directory`` (``cachepolicy.lab``) through its adapter, and its sampler.
 
     The lab model has patch ``(1, 1, 1)`` on a 12-channel latent, so its token grid has ``D = 12``: a model
-    whose patch differs from Wan2.1's. The engine's sampler (Self Forcing's x0 / re-noise) replaces the
-    lab's Euler sampler, with the lab's number of steps, un-warped.
+    whose patch differs from Wan2.1's. The sampler is the model's own recipe (its ``config.json``: steps,
+    shift, re-noising, guidance); ``steps`` replaces its number of steps.
     """
-    from cachepolicy.adapters.wan.adapter import WanAdapter
+    import attrs
+
+    from cachepolicy.adapters.wan.adapter import cast_model
+    from cachepolicy.adapters.wan.drift_lab import DriftLabAdapter
     from cachepolicy.lab.checkpoint import load_lab_model
-    from cachepolicy.lab.text import embed_prompts
 
     model, config = load_lab_model(directory)
-    n = steps or config.sampler_steps
-    sampler = Sampler(denoising_steps=tuple(1000.0 * (1 - i / n) for i in range(n)), shift=config.sampler_shift,
-                      warp=config.sampler_shift != 1.0)
-    adapter = WanAdapter(model, name=f"drift-lab:{directory}", latent_size=config.latent_hw,
-                         text_encoder=lambda prompts: embed_prompts(list(prompts), config.text),
-                         frames_per_chunk=config.chunk_frames, sampler=sampler)
-    return adapter, sampler
+    if steps is not None:
+        config = attrs.evolve(config, sampler_steps=steps)
+    adapter = DriftLabAdapter(cast_model(model, "cpu", "float32"), config)
+    return adapter, adapter.info.sampler
 
 
 def mad(a: torch.Tensor, b: torch.Tensor, frame_start: int) -> list[float]:
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
         adapter, args.sampler = load_lab_adapter(args.lab, args.lab_steps)
         for s in seeds:
-            PROMPTS[s] = sample_prompt(np.random.default_rng(s))
+            PROMPTS[s] = sample_prompt(np.random.default_rng(s), adapter.lab_config.scene)  # its sprite limit
     else:
         args.sampler = Sampler(denoising_steps=tuple(args.steps))
         adapter = load_tiny_wan(args.model_seed, latent_size=tuple(args.latent), num_layers=args.layers)

@@ -8,8 +8,10 @@ and over all chunks, the share of jobs whose every frame of chunk 0 has the prom
 of each colour ("exact"), and the colour error of the sprites found. Used for the drift-lab page::
 
     python benchmarks/lab_scene_accuracy.py --weights cachepolicy/lab/weights --weights OLD/final
+    python benchmarks/lab_scene_accuracy.py --weights cachepolicy/lab/weights --model-option guidance=1
 
-(about 1.5 minutes per weights folder on two cores with the defaults).
+(about 5 minutes per weights folder on two cores with the defaults and the shipped sampler; ``--out`` keeps
+one folder per weights index, so give another ``--out`` when the options change).
 """
 
 from __future__ import annotations
@@ -81,7 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=2, help="rollout seeds per prompt (default 2)")
     parser.add_argument("--chunks", type=int, default=4, help="chunks per rollout (default 4)")
     parser.add_argument("--out", default="runs/lab-scene-accuracy", help="compare folders go here")
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="drift-lab loader option for every weights folder, e.g. guidance=1, steps=12, "
+                             "noise=predicted (repeatable; default: each folder's own sampler)")
     args = parser.parse_args(argv)
+    from cachepolicy.cli import _parse_option
+
+    options = dict(_parse_option(text) for text in args.model_option)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     prompts = random_prompts(args.prompts, args.max_sprites, args.prompt_seed)
     print("| weights | prompts | jobs | count error, chunk 0 | count error, all chunks | exact at chunk 0 "
@@ -90,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     for index, folder in enumerate(args.weights):
         config = CompareConfig(model="drift-lab", policies=["full"], prompts=prompts,
                                seeds=list(range(args.seeds)), num_chunks=args.chunks, metrics=list(METRICS),
-                               model_options={"path": str(Path(folder).resolve())})
+                               model_options={**options, "path": str(Path(folder).resolve())})
         out = Path(args.out) / f"weights-{index}"
         logger.info("%s: %d jobs into %s", folder, len(config.jobs()), out)
         run_compare(config, out)

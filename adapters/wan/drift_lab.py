@@ -4,8 +4,10 @@ The drift lab (:mod:`cachepolicy.lab`) is a small stock ``WanTransformer3DModel`
 trained here with diffusion forcing on procedural scenes whose ground truth is known. This module adds
 only what is specific to it on top of :class:`~cachepolicy.adapters.wan.adapter.WanAdapter`:
 
-* its recipe: the Euler sampler it was trained for (``Sampler(noise="predicted")``, the lab's steps and
-  shift, no warping) and 3 frames per chunk;
+* its recipe: the sampler its ``config.json`` names (``sampler_steps`` steps from sigma 1 down, the lab's
+  shift, no warping; ``sampler_noise``: the shipped weights re-noise with ``fresh`` noise, older configs
+  take the Euler step, ``noise="predicted"``; ``sampler_guidance``, classifier-free guidance against the empty
+  prompt, which the lab trains with prompt dropout) and 3 frames per chunk;
 * its text embedding (:func:`cachepolicy.lab.text.embed_prompts`, a fixed seeded word table); a scene
   prompt with more sprites than it was trained on is refused;
 * a decoder: the latent is the frames pixel-unshuffled by 2, so decoding is exact, with no learned VAE;
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 
 from cachepolicy.adapters.wan.adapter import WanAdapter, cast_model
-from cachepolicy.errors import CheckpointError
+from cachepolicy.errors import CheckpointError, ParameterError
 from cachepolicy.models import Sampler
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,8 @@ class DriftLabAdapter(WanAdapter):
 
         self.lab_config = config
         sigmas = sigma_schedule(config.sampler_steps, config.sampler_shift)[:-1]
-        sampler = Sampler(denoising_steps=tuple(1000.0 * float(s) for s in sigmas), warp=False, noise="predicted")
+        sampler = Sampler(denoising_steps=tuple(1000.0 * float(s) for s in sigmas), warp=False,
+                          noise=config.sampler_noise, guidance=config.sampler_guidance)
         super().__init__(model, name="drift-lab", latent_size=config.latent_hw,
                          text_encoder=lambda prompts: embed_prompts(list(prompts), config.text),
                          frames_per_chunk=config.chunk_frames, sampler=sampler)
@@ -86,8 +89,17 @@ class DriftLabAdapter(WanAdapter):
         return SceneTruth(parse_prompt(prompt), self.lab_config.scene)
 
 
-def load_drift_lab(path: str | None = None, *, device: str = "cpu", dtype: str = "float32") -> DriftLabAdapter:
-    """Load the drift-lab model from ``path`` (a lab weights folder) or from the packaged weights."""
+def load_drift_lab(path: str | None = None, *, device: str = "cpu", dtype: str = "float32",
+                   steps: int | None = None, noise: str | None = None,
+                   guidance: float | None = None) -> DriftLabAdapter:
+    """Load the drift-lab model from ``path`` (a lab weights folder) or from the packaged weights.
+
+    ``steps``, ``noise`` and ``guidance`` replace the sampler of the weights' ``config.json``
+    (``sampler_steps``, ``sampler_noise``: ``fresh`` or ``predicted``, ``sampler_guidance``), e.g.
+    ``--model-option guidance=1`` to sample without classifier-free guidance.
+    """
+    import attrs
+
     from cachepolicy.lab.checkpoint import load_lab_model
     from cachepolicy.lab.errors import LabError
 
@@ -103,4 +115,12 @@ def load_drift_lab(path: str | None = None, *, device: str = "cpu", dtype: str =
         model, config = load_lab_model(folder)
     except LabError as exc:
         raise CheckpointError(f"cannot load drift-lab weights from {folder}: {exc}") from exc
+    overrides = {name: value for name, value in
+                 (("sampler_steps", steps), ("sampler_noise", noise), ("sampler_guidance", guidance))
+                 if value is not None}
+    if overrides:
+        try:
+            config = attrs.evolve(config, **overrides)
+        except LabError as exc:
+            raise ParameterError(f"drift-lab model option: {exc}") from exc
     return DriftLabAdapter(cast_model(model, device, dtype), config)

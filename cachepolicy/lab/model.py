@@ -16,6 +16,7 @@ Flow-matching convention: ``x_t = (1 - sigma) * x0 + sigma * eps``, the model pr
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +43,9 @@ __all__ = [
     "masked_attention",
 ]
 
+#: What may re-noise ``x0`` between sampler steps (``LabConfig.sampler_noise``, the engine's ``Sampler.noise``).
+SAMPLER_NOISES = ("fresh", "predicted")
+
 
 @attrs.frozen
 class LabConfig:
@@ -58,8 +62,16 @@ class LabConfig:
         ffn_dim: feed-forward hidden width.
         freq_dim: width of the sinusoidal timestep embedding.
         chunk_frames: latent frames per AR chunk (3, as in every Wan AR system).
-        sampler_steps: Euler steps per chunk the model was trained to be sampled with.
+        sampler_steps: denoising steps per chunk the model is sampled with.
         sampler_shift: flow-matching shift of the sampler's sigma schedule.
+        sampler_noise: what re-noises the predicted clean latent ``x0`` between steps (the engine's
+            :class:`~cachepolicy.models.Sampler` ``noise``): ``"fresh"`` noise (a stochastic sampler, the
+            default: with guidance it draws two-sprite scenes right, see the drift-lab docs) or the noise
+            the model ``"predicted"`` (the deterministic Euler step of the flow ODE). A ``config.json`` written
+            before this field existed means ``"predicted"`` (see :func:`load_lab_config`).
+        sampler_guidance: classifier-free guidance scale of the sampler (1 = none; default 2; the model is
+            trained with prompt dropout, so the empty prompt is its unconditional input). A ``config.json``
+            written before this field existed means 1.
     """
 
     scene: SceneConfig = SceneConfig(max_sprites=2)
@@ -71,10 +83,21 @@ class LabConfig:
     ffn_dim: int = 512
     freq_dim: int = 64
     chunk_frames: int = 3
-    sampler_steps: int = 12
+    sampler_steps: int = 24
     sampler_shift: float = 1.0
+    sampler_noise: str = "fresh"
+    sampler_guidance: float = 2.0
 
     def __attrs_post_init__(self) -> None:
+        if self.sampler_noise not in SAMPLER_NOISES:
+            raise LabError(f"sampler_noise={self.sampler_noise!r} is not allowed; choose one of "
+                           f"{', '.join(SAMPLER_NOISES)}")
+        if not (isinstance(self.sampler_guidance, (int, float)) and math.isfinite(self.sampler_guidance)
+                and self.sampler_guidance >= 0):
+            raise LabError(f"sampler_guidance must be a finite scale >= 0 (1 = no guidance), got "
+                           f"{self.sampler_guidance!r}")
+        if not isinstance(self.sampler_steps, int) or isinstance(self.sampler_steps, bool) or self.sampler_steps < 1:
+            raise LabError(f"sampler_steps must be a positive int, got {self.sampler_steps!r}")
         if self.scene.num_frames % self.chunk_frames:
             raise LabError(
                 f"scene.num_frames={self.scene.num_frames} is not a multiple of chunk_frames={self.chunk_frames}"
@@ -138,6 +161,10 @@ def load_lab_config(data: dict[str, Any] | str | Path) -> LabConfig:
             raise LabCheckpointError(f"no lab config file at {path}")
         data = json.loads(path.read_text())
     data = dict(data)
+    # configs written before ``sampler_noise`` / ``sampler_guidance`` existed were sampled with the Euler
+    # step and without guidance
+    data.setdefault("sampler_noise", "predicted")
+    data.setdefault("sampler_guidance", 1.0)
     try:
         scene = SceneConfig(**data.pop("scene"))
         text = TextConfig(**data.pop("text"))

@@ -1,7 +1,8 @@
 """A simple chunk-by-chunk block-causal sampler for evaluating drift-lab models, and sample grids.
 
-This is the evaluation reference, not the engine: for each chunk it runs Euler steps on the flow-matching
-ODE, recomputing the whole clean prefix (timestep 0) at every step under the block-causal mask. Because
+This is the evaluation reference, not the engine: for each chunk it runs the model's sampler (Euler steps
+on the flow-matching ODE, or the stochastic sampler that re-noises the predicted ``x0`` with fresh noise),
+recomputing the whole clean prefix (timestep 0) at every step under the block-causal mask. Because
 the mask is block-causal, the prefix tokens never see the current chunk, so this equals a cached rollout
 with the ``full`` policy (keep everything) at absolute frame positions.
 
@@ -25,7 +26,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from cachepolicy.lab.errors import LabError
-from cachepolicy.lab.model import LabConfig, block_causal_mask, chunk_token_timesteps, masked_attention
+from cachepolicy.lab.model import SAMPLER_NOISES, LabConfig, block_causal_mask, chunk_token_timesteps, masked_attention
 from cachepolicy.lab.scenes import to_uint8
 from cachepolicy.lab.text import embed_prompts
 
@@ -53,7 +54,8 @@ def sample_latents(
     seed: int = 0,
     steps: int | None = None,
     shift: float | None = None,
-    guidance: float = 1.0,
+    guidance: float | None = None,
+    noise: str | None = None,
 ) -> torch.Tensor:
     """Generate latents chunk by chunk.
 
@@ -64,9 +66,13 @@ def sample_latents(
         num_chunks: chunks to generate (any number; beyond ``config.train_chunks`` the model runs at
             frame positions it never saw in training).
         seed: seed of the initial noise (chunk ``k`` draws its noise from ``seed`` and ``k``).
-        steps: Euler steps per chunk (default ``config.sampler_steps``).
+        steps: denoising steps per chunk (default ``config.sampler_steps``).
         shift: schedule shift (default ``config.sampler_shift``).
-        guidance: classifier-free guidance scale; 1 disables it (one forward per step).
+        guidance: classifier-free guidance scale (default ``config.sampler_guidance``); 1 disables it (one
+            forward per step).
+        noise: what re-noises between steps (default ``config.sampler_noise``): ``"predicted"``, the Euler
+            step ``x <- x + (sigma_next - sigma) * v``; ``"fresh"``, ``x <- (1 - sigma_next) * x0 +
+            sigma_next * eps`` with ``x0 = x - sigma * v`` and new noise ``eps`` from the chunk's generator.
 
     Returns:
         Latents ``float32 [B, C, num_chunks * chunk_frames, h, w]``.
@@ -75,6 +81,10 @@ def sample_latents(
         raise LabError(f"num_chunks must be positive, got {num_chunks}")
     steps = config.sampler_steps if steps is None else steps
     shift = config.sampler_shift if shift is None else shift
+    noise = config.sampler_noise if noise is None else noise
+    guidance = config.sampler_guidance if guidance is None else float(guidance)
+    if noise not in SAMPLER_NOISES:
+        raise LabError(f"sampler noise={noise!r} is not allowed; choose one of {', '.join(SAMPLER_NOISES)}")
     sigmas = sigma_schedule(steps, shift)
     b = len(prompts)
     c, f = config.latent.channels, config.chunk_frames
@@ -100,7 +110,12 @@ def sample_latents(
                 if guidance != 1.0:
                     v_c, v_u = v.chunk(2)
                     v = v_u + guidance * (v_c - v_u)
-                x = x + float(sigmas[i + 1] - sigmas[i]) * v
+                sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+                if noise == "fresh" and sigma_next > 0:
+                    x0 = x - sigma * v
+                    x = (1.0 - sigma_next) * x0 + sigma_next * torch.randn(x.shape, generator=g)
+                else:  # Euler; on the last step (sigma_next = 0) both samplers give x0
+                    x = x + (sigma_next - sigma) * v
         done = torch.cat([done, x], dim=2)
     return done
 
@@ -159,7 +174,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--shift", type=float, default=None)
-    ap.add_argument("--guidance", type=float, default=1.0)
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale (default: the model's sampler_guidance)")
+    ap.add_argument("--noise", choices=("fresh", "predicted"), default=None,
+                    help="sampler re-noising (default: the model's sampler_noise)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--grid-rows", type=int, default=8, help="most prompts shown in the PNG")
@@ -170,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rng = np.random.default_rng([args.seed, 77])
     prompts = list(args.prompt) or [sample_prompt(rng, config.scene) for _ in range(args.num)]
     videos = sample_video(model, config, prompts, args.chunks, seed=args.seed, steps=args.steps,
-                          shift=args.shift, guidance=args.guidance)
+                          shift=args.shift, guidance=args.guidance, noise=args.noise)
     rows = []
     per_chunk: list[dict[str, np.ndarray]] = []
     for i, (p, v) in enumerate(zip(prompts, videos)):
@@ -189,7 +207,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.info("per-chunk mean %-17s %s", k, " ".join(f"{x:.3f}" for x in v))
     Path(args.out).with_suffix(".json").write_text(json.dumps(
         {"prompts": prompts, "seed": args.seed, "chunks": args.chunks, "steps": args.steps,
-         "guidance": args.guidance, "per_chunk_mean": {k: v.tolist() for k, v in table.items()}}, indent=1))
+         "guidance": config.sampler_guidance if args.guidance is None else args.guidance,
+         "noise": args.noise or config.sampler_noise,
+         "per_chunk_mean": {k: v.tolist() for k, v in table.items()}}, indent=1))
 
 
 if __name__ == "__main__":

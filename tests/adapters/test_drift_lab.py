@@ -35,18 +35,39 @@ def lab_weights(tmp_path):
     return save_random_lab_weights(tmp_path / "final", config)
 
 
-def test_loads_with_its_recipe_and_matches_the_full_forward(lab_weights, registry):
+@pytest.mark.parametrize("noise, guidance", [("fresh", 1.0), ("predicted", 1.0), ("fresh", 2.0)])
+def test_loads_with_its_recipe_and_matches_the_full_forward(tmp_path, registry, noise, guidance):
     from cachepolicy.engine import RolloutConfig, Session
+    from cachepolicy.lab.model import LabConfig
 
-    adapter = registry.model("drift-lab").load(path=str(lab_weights))
+    config = attrs.evolve(LabConfig(), layers=2, heads=2, dim_head=16, ffn_dim=64, sampler_steps=4,
+                          sampler_noise=noise, sampler_guidance=guidance)
+    adapter = registry.model("drift-lab").load(path=str(save_random_lab_weights(tmp_path / "final", config)))
     info = adapter.info
     assert (info.latent_channels, info.latent_height, info.token_rows, info.frames_per_chunk) == (12, 8, 8, 3)
-    assert info.sampler.noise == "predicted" and not info.sampler.warp
-    assert info.sampler.sigmas() == pytest.approx([1.0, 0.75, 0.5, 0.25])  # the lab's 4-step Euler schedule
+    # the config's sampler, whichever it is
+    assert info.sampler.noise == noise and info.sampler.guidance == guidance and not info.sampler.warp
+    assert info.sampler.sigmas() == pytest.approx([1.0, 0.75, 0.5, 0.25])  # the lab's 4-step schedule
     recorder = Recorder()
     session = Session(adapter, [recorder], RolloutConfig(num_chunks=3, prompts=[PROMPT], seeds=[0]))
     result = session.run()
-    assert check_rollout_against_full_forward(adapter, result, session.policy_state[recorder.spec]) <= 1e-5
+    # under guidance the unconditional input is the empty prompt, the lab's zero (prompt-dropout) embedding
+    assert check_rollout_against_full_forward(adapter, result, session.policy_state[recorder.spec],
+                                              guidance=guidance) <= 1e-5
+
+
+def test_model_options_replace_the_sampler_of_the_config(lab_weights, registry):
+    from cachepolicy.errors import ParameterError
+
+    entry = registry.model("drift-lab")
+    assert entry.load(path=str(lab_weights)).info.sampler.guidance == 2.0  # the config's (LabConfig default)
+    sampler = entry.load(path=str(lab_weights), steps=2, noise="predicted", guidance=3.0).info.sampler
+    assert (sampler.sigmas(), sampler.noise, sampler.guidance) == ([1.0, 0.5], "predicted", 3.0)
+    with pytest.raises(ParameterError, match=r"drift-lab model option: sampler_noise='ddim' is not allowed; "
+                                             r"choose one of fresh, predicted"):
+        entry.load(path=str(lab_weights), noise="ddim")
+    with pytest.raises(ParameterError, match=r"sampler_guidance must be a finite scale >= 0 .*got -1"):
+        entry.load(path=str(lab_weights), guidance=-1)
 
 
 def test_decoding_is_the_exact_inverse_of_the_latent_transform(lab_weights, registry):

@@ -28,6 +28,7 @@ def test_a_short_rollout_is_finite_and_close_to_the_scene(tmp_path):
                            metrics=["scene-background-error", "scene-count-error", "scene-colour-error"])
     summary = run_compare(config, tmp_path / "cmp")
     stats = summary["policies"]["full"]["metrics"]
-    assert stats["scene-background-error"]["mean"] < 0.045  # measured 0.0215 (7000-step, 1-2 sprite weights)
-    assert stats["scene-count-error"]["mean"] < 0.5  # measured 0.167
-    assert stats["scene-colour-error"]["mean"] < 0.09  # measured 0.046
+    # measured with the 7000-step, 1-2 sprite weights and their sampler (24 fresh-noise steps, guidance 2)
+    assert stats["scene-background-error"]["mean"] < 0.045  # measured 0.0217
+    assert stats["scene-count-error"]["mean"] < 0.7  # measured 0.333
+    assert stats["scene-colour-error"]["mean"] < 0.06  # measured 0.0286
