@@ -392,8 +392,8 @@ def build_configs(args: argparse.Namespace) -> tuple[LabConfig, TrainConfig]:
     return lab, tc
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI entry point: ``python -m cachepolicy.lab.train --out DIR --seed S --steps N --minutes M``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The training CLI's arguments (defaults: :class:`LabConfig` and :class:`TrainConfig`)."""
     d_lab, d_tc = LabConfig(), TrainConfig()
     ap = argparse.ArgumentParser(prog="python -m cachepolicy.lab.train",
                                  description="Train the drift-lab model (diffusion forcing, resumable).")
@@ -421,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     g.add_argument("--sampler-noise", choices=SAMPLER_NOISES, default=d_lab.sampler_noise,
                    help="re-noising between sampler steps, recorded in config.json (default %(default)s)")
     g.add_argument("--sampler-guidance", type=float, default=d_lab.sampler_guidance,
-                   help="classifier-free guidance scale of the sampler, recorded in config.json (default %(default)s)")
+                   help="classifier-free guidance scale of the sampler, recorded in config.json "
+                        "(default %(default)s)")
     g = ap.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=d_tc.batch_size)
     g.add_argument("--lr", type=float, default=d_tc.lr)
@@ -431,7 +432,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     g.add_argument("--clean-prefix-prob", type=float, default=d_tc.clean_prefix_prob)
     g.add_argument("--prompt-dropout", type=float, default=d_tc.prompt_dropout)
     g.add_argument("--sprite-loss-weight", type=float, default=d_tc.sprite_loss_weight)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI entry point: ``python -m cachepolicy.lab.train --out DIR --seed S --steps N --minutes M``."""
+    args = build_parser().parse_args(argv)
 
     def _terminate(signum: int, frame: object) -> None:  # a killed background run saves its checkpoint
         _STOP_REQUESTED.set()

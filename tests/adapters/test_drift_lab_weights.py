@@ -22,6 +22,21 @@ def test_shipped_weights_load_by_name_with_their_training_record(registry):
     assert (packaged_weights() / "weights.safetensors").stat().st_size <= 20 * 2**20
 
 
+def test_the_recorded_command_writes_the_shipped_config():
+    """Run today, the command in train.json builds exactly the shipped config.json (sampler included)."""
+    import shlex
+
+    from cachepolicy.adapters.wan.drift_lab import packaged_weights
+    from cachepolicy.lab.model import load_lab_config
+    from cachepolicy.lab.train import build_configs, build_parser
+
+    command = json.loads((packaged_weights() / "train.json").read_text())["command"]
+    prefix = "python -m cachepolicy.lab.train "
+    assert command.startswith(prefix)
+    lab, _ = build_configs(build_parser().parse_args(shlex.split(command[len(prefix):])))
+    assert lab == load_lab_config(packaged_weights() / "config.json")
+
+
 def test_a_short_rollout_is_finite_and_close_to_the_scene(tmp_path):
     """Bounds: about twice what the shipped weights measured on this config when they were trained."""
     config = CompareConfig(model="drift-lab", policies=["full"], prompts=PROMPTS, seeds=[0, 1], num_chunks=2,
