@@ -80,6 +80,19 @@ class DriftLabAdapter(WanAdapter):
         frames = self.lab_config.latent.decode(latent.float().cpu())
         return ((frames + 1.0) / 2.0).clamp(0.0, 1.0)
 
+    def weights_id(self) -> str:
+        """The transformer's content id combined with the sampler its ``config.json`` names (after any
+        ``steps``/``noise``/``guidance`` model option): the lab's weights ship with their recipe, so a
+        ``compare`` folder sampled with another recipe of the same weights is not resumed as if it were
+        this one (the shipped recipe changed from Euler to guided fresh-noise sampling in place)."""
+        import hashlib
+        import json
+
+        recipe = {name: getattr(self.lab_config, name)
+                  for name in ("sampler_steps", "sampler_shift", "sampler_noise", "sampler_guidance")}
+        text = f"{super().weights_id()}:{json.dumps(recipe, sort_keys=True)}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def ground_truth(self, prompt: str, seed: int, num_frames: int) -> Any:
         """The prompt's scene (sprites' colours, shapes, counts; background) and this model's scene
         geometry (its sprite size), as a :class:`cachepolicy.lab.metrics.SceneTruth`."""

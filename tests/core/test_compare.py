@@ -353,7 +353,6 @@ def _retrain_in_place(folder: Path) -> None:
 def test_results_of_other_weights_are_refused(tmp_path, capsys):
     """Same configuration, weights replaced in place (a retrained model): refused, then archived by --force."""
     from cachepolicy.api import load_model
-    from cachepolicy.models import module_weights_id
 
     weights = _lab_weights_copy(tmp_path / "weights")
     out = tmp_path / "cmp"
@@ -364,11 +363,11 @@ def test_results_of_other_weights_are_refused(tmp_path, capsys):
     results = out / "results.jsonl"
     before = results.read_bytes()
     old_id = json.loads(before)["weights"]
-    assert old_id == module_weights_id(load_model("drift-lab", path=str(weights)).model)
+    assert old_id == load_model("drift-lab", path=str(weights)).weights_id()
     assert main(args) == 0 and results.read_bytes() == before  # same weights: resumed, nothing to do
 
     _retrain_in_place(weights)
-    new_id = module_weights_id(load_model("drift-lab", path=str(weights)).model)
+    new_id = load_model("drift-lab", path=str(weights)).weights_id()
     assert new_id != old_id
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -405,3 +404,25 @@ def test_mixed_weights_without_a_check_before_the_jobs_are_reported(tmp_path, ca
     ids = {json.loads(line)["weights"] for line in results.read_text().splitlines()}
     assert len(ids) == 2
     assert f"come from 2 different weights (ids {', '.join(sorted(ids))})" in caplog.text
+
+
+def test_drift_lab_results_of_another_recipe_are_refused(tmp_path, capsys):
+    """The lab's weights id covers the sampler of its config.json: the same tensors sampled with another
+    recipe (the shipped one changed in place from Euler to guided fresh noise) are not resumed."""
+    from cachepolicy.api import load_model
+    from cachepolicy.models import module_weights_id
+
+    weights = _lab_weights_copy(tmp_path / "weights")
+    adapter = load_model("drift-lab", path=str(weights))
+    assert adapter.weights_id() != module_weights_id(adapter.model)
+    assert adapter.weights_id() == load_model("drift-lab", path=str(weights)).weights_id()
+    out = tmp_path / "cmp"
+    args = ["compare", "drift-lab", "--model-option", f"path={weights}", "--policies", "full",
+            "--prompts", "a red triangle bouncing slowly over a gray-to-purple gradient", "--seeds", "0",
+            "--chunks", "1", "--metrics", "cache-tokens", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    config = json.loads((weights / "config.json").read_text())
+    config.update(sampler_steps=12, sampler_noise="predicted", sampler_guidance=1.0)  # the old recipe
+    (weights / "config.json").write_text(json.dumps(config))
+    assert main(args) == 2
+    assert "holds results of other weights" in capsys.readouterr().err
