@@ -117,7 +117,8 @@ def test_videos_tile_samples_in_rows_of_columns(tmp_path):
             assert (tile == want.numpy().astype("uint8")).all(), (slot, t)
     save_videos(tmp_path, frames)
     assert iio.imread(tmp_path / "video.gif", index=None).shape[1:3] == (128, 5 * 128)
-    with pytest.raises(ParameterError, match=r"video columns must be a positive integer \(samples per row\), got 0"):
+    with pytest.raises(ParameterError,
+                       match=r"video columns must be a positive integer \(samples per row\), got 0"):
         save_videos(tmp_path, frames, columns=0)
 
 
