@@ -56,26 +56,6 @@ def rollout(adapter, registry, spec: str, chunks: int, seeds: list[int], sampler
     return Session(adapter, policies, config).run()
 
 
-def load_lab_adapter(directory: str, steps: int | None) -> tuple[Any, Sampler]:
-    """The drift-lab model in ``directory`` (``cachepolicy.lab``) through its adapter, and its sampler.
-
-    The lab model has patch ``(1, 1, 1)`` on a 12-channel latent, so its token grid has ``D = 12``: a model
-    whose patch differs from Wan2.1's. The sampler is the model's own recipe (its ``config.json``: steps,
-    shift, re-noising, guidance); ``steps`` replaces its number of steps.
-    """
-    import attrs
-
-    from cachepolicy.adapters.wan.adapter import cast_model
-    from cachepolicy.adapters.wan.drift_lab import DriftLabAdapter
-    from cachepolicy.lab.checkpoint import load_lab_model
-
-    model, config = load_lab_model(directory)
-    if steps is not None:
-        config = attrs.evolve(config, sampler_steps=steps)
-    adapter = DriftLabAdapter(cast_model(model, "cpu", "float32"), config)
-    return adapter, adapter.info.sampler
-
-
 def mad(a: torch.Tensor, b: torch.Tensor, frame_start: int) -> list[float]:
     """Per-sample mean |a - b| over latent frames ``>= frame_start`` (latent units)."""
     return (a[:, :, frame_start:] - b[:, :, frame_start:]).abs().flatten(1).mean(dim=1).tolist()
@@ -170,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
 
         from cachepolicy.lab.scenes import sample_prompt
 
-        adapter, args.sampler = load_lab_adapter(args.lab, args.lab_steps)
+        from cachepolicy.adapters.wan.drift_lab import load_drift_lab
+
+        # its own recipe (config.json: steps, shift, re-noising, guidance); --lab-steps replaces the steps
+        adapter = load_drift_lab(args.lab, steps=args.lab_steps)
+        args.sampler = adapter.info.sampler
         for s in seeds:
             PROMPTS[s] = sample_prompt(np.random.default_rng(s), adapter.lab_config.scene)  # its sprite limit
     else:

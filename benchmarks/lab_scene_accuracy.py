@@ -72,6 +72,7 @@ def table(records: list[dict]) -> list[tuple[str, int, float, float, float, floa
 
 
 def main(argv: list[str] | None = None) -> None:
+    from cachepolicy.cli import parse_option
     from cachepolicy.compare import CompareConfig, run_compare
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -83,13 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=2, help="rollout seeds per prompt (default 2)")
     parser.add_argument("--chunks", type=int, default=4, help="chunks per rollout (default 4)")
     parser.add_argument("--out", default="runs/lab-scene-accuracy", help="compare folders go here")
-    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--model-option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
                         help="drift-lab loader option for every weights folder, e.g. guidance=1, steps=12, "
                              "noise=predicted (repeatable; default: each folder's own sampler)")
     args = parser.parse_args(argv)
-    from cachepolicy.cli import _parse_option
-
-    options = dict(_parse_option(text) for text in args.model_option)
+    options = dict(args.model_option)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     prompts = random_prompts(args.prompts, args.max_sprites, args.prompt_seed)
     print("| weights | prompts | jobs | count error, chunk 0 | count error, all chunks | exact at chunk 0 "

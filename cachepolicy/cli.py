@@ -20,7 +20,7 @@ EXIT_BAD_INPUT = 2
 EXIT_MODEL_FAILED = 3
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
+def parse_option(text: str) -> tuple[str, Any]:
     key, eq, value = text.partition("=")
     if not eq or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="samples per row of video.mp4/video.gif (default: all in one row)")
     run.add_argument("--device", default=None, help="torch device of the model (default: the loader's, cpu)")
     run.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
-    run.add_argument("--model-option", action="append", default=[], type=_parse_option, metavar="KEY=VALUE",
+    run.add_argument("--model-option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
                      help="option passed to the model loader (e.g. seed=1, path=DIR)")
     run.add_argument("--recipe", default=None, metavar="NAME",
                      help="a system's inference loop: self-forcing, causvid, longlive, rolling-forcing (see "
@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="output folder")
     compare.add_argument("--metrics", default=None,
                          help="comma-separated metric names (default: every available metric)")
-    compare.add_argument("--metric-option", action="append", default=[], type=_parse_option,
+    compare.add_argument("--metric-option", action="append", default=[], type=parse_option,
                          metavar="METRIC.KEY=VALUE", help="option for a metric, e.g. feature-consistency.path=DIR")
-    compare.add_argument("--model-option", action="append", default=[], type=_parse_option, metavar="KEY=VALUE",
+    compare.add_argument("--model-option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
                          help="option passed to the loader of every model")
     compare.add_argument("--device", default=None, help="torch device of the model")
     compare.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")

@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--shift", type=float, default=None)
     ap.add_argument("--guidance", type=float, default=None,
                     help="classifier-free guidance scale (default: the model's sampler_guidance)")
-    ap.add_argument("--noise", choices=("fresh", "predicted"), default=None,
+    ap.add_argument("--noise", choices=SAMPLER_NOISES, default=None,
                     help="sampler re-noising (default: the model's sampler_noise)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
