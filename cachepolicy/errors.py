@@ -79,3 +79,20 @@ class CompareConfigError(CachePolicyError, ValueError):
 class MissingDependencyError(CachePolicyError, ImportError):
     """An optional dependency that a requested feature needs is not installed (the message says what to
     ``pip install``)."""
+
+
+class PolicyHookError(CachePolicyError, RuntimeError):
+    """A policy's hook raised an unexpected error (or returned something the engine cannot use).
+
+    Attributes:
+        policy: the policy's spec string.
+        hook: the hook that failed.
+        distribution: the distribution that provides the policy, when known.
+    """
+
+    def __init__(self, policy: str, hook: str, distribution: str | None, detail: str) -> None:
+        self.policy = policy
+        self.hook = hook
+        self.distribution = distribution
+        origin = f" (from distribution {distribution!r})" if distribution else ""
+        super().__init__(f"policy {policy!r}{origin} failed in {hook}: {detail}")

@@ -15,7 +15,9 @@ import attrs
 import torch
 
 from cachepolicy.adapters.wan.adapter import WanAdapter, masked_forward
+from cachepolicy.cache import metadata_for_chunk
 from cachepolicy.engine import RolloutConfig, RolloutResult, Session
+from cachepolicy.layers import ForwardCall
 from cachepolicy.hookspecs import hookimpl
 from cachepolicy.policy import Policy, build_policies
 
@@ -104,3 +106,32 @@ def run_recorded(adapter, registry, spec, num_chunks, seeds, prompts=None, sampl
         num_chunks=num_chunks, prompts=prompts, seeds=list(seeds), sampler=sampler))
     result = session.run()
     return result, session.policy_state[recorder.spec], session
+
+
+def adapter_forward(adapter, latent, timesteps, frame_start, chunk, cache, conditioning, commit, *, rope_start=None,
+                    visible=None, rope_positions=None, branch=0):
+    """One adapter forward described the short way (a context pass with ``commit``, made resident as the engine
+    does); returns the model output."""
+    rope_start = frame_start if rope_start is None else rope_start
+    call = ForwardCall(chunk=chunk, phase="context" if commit else "step", frame_start=frame_start,
+                       num_frames=latent.shape[2], rope_start=rope_start, visible=visible,
+                       rope_positions=rope_positions, branch=branch)
+    out = adapter.forward(latent, timesteps, call, cache, conditioning)
+    if commit:
+        info = adapter.info
+        cache.commit(metadata_for_chunk(latent.shape[0], frame_start, latent.shape[2], info.token_rows,
+                                        info.token_cols, chunk, rope_start=rope_start))
+    return out
+
+
+def layer_keys(cache, layer, branch=0, name="k"):
+    """Keys (or values) ``[B, capacity, H, D]`` of ``layer`` when it is one head group."""
+    cells = cache.layer_cells(layer, branch)
+    assert len(cells) == 1, cells
+    return getattr(cells[0], name)
+
+
+def stacked(cache, name="k", branch=0):
+    """Keys (or values) of every layer ``[L, B, capacity, H, D]`` of a cache whose layers are one head group and
+    one residency (today's per-token policies)."""
+    return torch.stack([layer_keys(cache, layer, branch, name) for layer in range(cache.num_layers)])
