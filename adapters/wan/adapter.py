@@ -175,19 +175,22 @@ def masked_forward(
     hidden_states: torch.Tensor,
     timestep: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """One full forward of a stock Wan model with a self-attention mask.
 
     Every ``blocks[i].attn1`` temporarily gets diffusers' own ``WanAttnProcessor`` with ``attention_mask``
-    (bool ``[B or 1, 1, L, L]``, True = may attend) injected; processors are restored afterwards. Used as
-    the equivalence oracle and for block-causal training.
+    (bool ``[B or 1, 1 or H, L, L]``, True = may attend; or one such mask per block) injected; processors are
+    restored afterwards. Used as the equivalence oracle and for block-causal training.
     """
+    masks = list(attention_mask) if isinstance(attention_mask, (list, tuple)) else [attention_mask] * len(model.blocks)
+    if len(masks) != len(model.blocks):
+        raise ParameterError(f"{len(masks)} attention masks for a model of {len(model.blocks)} blocks")
     originals = [block.attn1.processor for block in model.blocks]
     hooks = _suspend_rope_hook(model)
     try:
-        for block in model.blocks:
-            block.attn1.set_processor(_MaskedProcessor(attention_mask))
+        for block, mask in zip(model.blocks, masks):
+            block.attn1.set_processor(_MaskedProcessor(mask))
         return model(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
                      return_dict=False)[0]
     finally:

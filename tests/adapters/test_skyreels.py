@@ -22,7 +22,7 @@ from tests.oracle import adapter_forward, layer_keys
 from cachepolicy.adapters.wan.adapter import block_causal_mask
 from cachepolicy.errors import CacheShapeError, CheckpointError, ParameterError
 from cachepolicy.models import Sampler
-from tests.oracle import oracle_mask, run_recorded
+from tests.oracle import oracle_masks, run_recorded
 
 TOLERANCE = 1e-5  # fp32
 FAST = Sampler(denoising_steps=(1000, 500))
@@ -43,7 +43,9 @@ def replay(adapter: SkyReelsV2Adapter, result, records, *, own_mask: bool = Fals
         timesteps = torch.tensor([0.0] * (c * F) + [fwd["timestep"]] * F).expand(batch, -1)
         mask = None
         if not own_mask:
-            mask = oracle_mask(c, F, tpf, records["commits"], fwd["resident"], batch)
+            masks = oracle_masks(c, F, tpf, records["commits"], fwd["resident"], batch)
+            mask = masks[0][:, :1]  # per-token policies: every layer and head holds the same tokens
+            assert all(torch.equal(m, mask.expand_as(m)) for m in masks)
             if 1 < block < F:  # causal blocks inside a chunk, as the stock model has them
                 mask = mask & block_causal_mask(block, (c + 1) * F, tpf)
         full = masked_forward(adapter.model, x, timesteps, conditioning, mask, fps=adapter.fps)
@@ -62,9 +64,9 @@ def test_cached_rollout_matches_stock_forward_with_keep_set_mask(registry, spec)
     result, records, _ = run_recorded(adapter, registry, spec, num_chunks=5, seeds=[0, 1], sampler=FAST)
     assert len(records["forwards"]) >= 5 * 2 and result.latents.shape[0] == 2
     if spec != "full":  # the policy really dropped tokens
-        assert min(len(ids) for ids in records["forwards"][-1]["resident"]) < 4 * 3 * adapter.info.tokens_per_frame
+        assert min(len(ids) for ids in records["forwards"][-1]["resident"][0][0]) < 4 * 3 * adapter.info.tokens_per_frame
     if spec.startswith("tokentrim"):  # samples pruned differently: the padded (key-mask) path ran
-        assert any(len({len(ids) for ids in fwd["resident"]}) > 1 for fwd in records["forwards"])
+        assert any(len({len(ids) for ids in fwd["resident"][0][0]}) > 1 for fwd in records["forwards"])
     worst = replay(adapter, result, records)
     print(f"{spec}: max |diff| = {worst:.3g}")
     assert worst <= TOLERANCE
@@ -94,7 +96,7 @@ def test_oracle_detects_a_wrong_mask(registry):
     tpf = adapter.info.tokens_per_frame
     for fwd in records["forwards"]:
         if fwd["chunk"] == 3:  # pretend the last chunk only saw the most recent 3 frames
-            fwd["resident"] = [ids[ids >= 6 * tpf] for ids in fwd["resident"]]
+            fwd["resident"] = [[[ids[ids >= 6 * tpf] for ids in head] for head in layer] for layer in fwd["resident"]]
     assert replay(adapter, result, records) > 1e-3
 
 
