@@ -134,7 +134,8 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
                num_chunks: int, seed: int = 0, batch: int = 1, prompts: Sequence[str] | None = None,
                model_options: dict[str, Any] | None = None, force: bool = False,
                progress: bool = False, recipe: str | Recipe | None = None,
-               prompt_switches: Sequence[PromptSwitch] = (), video_columns: int | None = None) -> dict[str, Any]:
+               prompt_switches: Sequence[PromptSwitch] = (), video_columns: int | None = None,
+               trace_residency: bool = False) -> dict[str, Any]:
     """One rollout written to ``out`` (``run.json``, ``trace.jsonl``, ``latents.safetensors``, and
     ``video.mp4`` / ``video.gif`` of the decoded frames when the model has a decoder).
 
@@ -164,7 +165,7 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
         raise CachePolicyError(f"{len(prompts)} prompts for a batch of {batch}: give one prompt or one per sample")
     seeds = [seed + b for b in range(batch)]
     config = RolloutConfig(num_chunks=num_chunks, prompts=tuple(prompts), seeds=tuple(seeds), recipe=chosen,
-                           prompt_switches=tuple(prompt_switches))
+                           prompt_switches=tuple(prompt_switches), trace_residency=trace_residency)
     adapter = load_model(model, **(model_options or {})) if isinstance(model, str) else model
     session = Session(adapter, built, config, progress=progress)
     session.check()  # fail before anything is written

@@ -33,6 +33,16 @@ def test_run_writes_latents_run_json_and_trace(tmp_path, capsys):
     assert run["weights"] == module_weights_id(load_model("tiny-wan").model)
     trace = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
     assert [r["chunk"] for r in trace] == [0, 1, 2, 3]
+    assert "residency" not in trace[-1]
+
+
+def test_run_traces_the_resident_tokens_on_request(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "tiny-wan", "--policy", "attention-sink:frames=3+sliding-window:frames=3", "--chunks", "4",
+                 "--trace-residency", "--out", str(out)]) == 0
+    trace = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
+    assert [sorted(map(int, r["residency"][0]["frames"])) for r in trace] == [
+        [0, 1, 2], [0, 1, 2, 3, 4, 5], [0, 1, 2, 6, 7, 8], [0, 1, 2, 9, 10, 11]]
 
 
 @pytest.mark.parametrize("args, message", [
