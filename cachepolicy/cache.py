@@ -40,6 +40,7 @@ in-layer hooks (:mod:`cachepolicy.layers`), write the call's keys and values, at
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -51,6 +52,7 @@ from cachepolicy.errors import CacheShapeError, CompositionError, ParameterError
 from cachepolicy.layers import CellView, ForwardCall, LayerContext, LayerEdit, Merge, describe
 
 METADATA_FIELDS = ("frame", "chunk", "row", "col", "rope_pos")
+_SERIALS = itertools.count()
 ROPE_MODES = ("absolute", "raw")
 
 
@@ -237,8 +239,9 @@ class KVCache:
         #: buffer reallocations so far (growth beyond the reserved capacity, and head-group splits)
         self.reallocations = 0
         #: bumped by :meth:`flush` and :meth:`clear`: what a model caches about the context (cross-attention
-        #: keys and values) is stale once it changes
+        #: keys and values) is stale once it changes; ``serial`` tells caches apart for the same purpose
         self.epoch = 0
+        self.serial = next(_SERIALS)
         #: tokens one forward writes at most (its provisional slot), for sizing buffers
         self.call_tokens = 0
         capacity = max(int(capacity), 0)
@@ -579,10 +582,12 @@ class KVCache:
             start = int((~keep[b, :length]).nonzero()[0])
             tail = keep[b, start:length].nonzero().squeeze(1) + start
             count = tail.shape[0]
+            if count and int(tail[-1]) - int(tail[0]) + 1 == count:  # one run (a window's eviction): a block copy
+                tail = slice(int(tail[0]), int(tail[0]) + count)
             for cell in cells:
-                cell.k[b, start:start + count] = cell.k[b, tail]
-                cell.v[b, start:start + count] = cell.v[b, tail]
-            residency.slots[b, start:start + count] = residency.slots[b, tail]
+                cell.k[b, start:start + count] = cell.k[b, tail].clone() if isinstance(tail, slice) else cell.k[b, tail]
+                cell.v[b, start:start + count] = cell.v[b, tail].clone() if isinstance(tail, slice) else cell.v[b, tail]
+            residency.slots[b, start:start + count] = residency.slots[b, tail].clone()
         residency.lengths = [int(n) for n in new_lengths]
         residency.version += 1
 

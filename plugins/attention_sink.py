@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, ClassVar
 import attrs
 
 from cachepolicy.hookspecs import hookimpl
-from cachepolicy.policy import Policy, Selection, positive_int
+from cachepolicy.policy import CacheBound, Policy, Selection, positive_int
 
 if TYPE_CHECKING:  # pragma: no cover
     from cachepolicy.cache import CacheView
     from cachepolicy.engine import Session
+    from cachepolicy.models import ModelInfo
 
 
 @attrs.frozen
@@ -35,6 +36,10 @@ class AttentionSink(Policy):
     summary: ClassVar[str] = "never evict the first S frames"
 
     frames: int = attrs.field(default=3, validator=positive_int)
+
+    def cache_bound(self, model: ModelInfo) -> CacheBound:
+        """It protects ``frames`` frames from every other policy's drops."""
+        return CacheBound(protected_frames=self.frames)
 
     @hookimpl
     def cachepolicy_select(self, session: Session, view: CacheView) -> Selection:

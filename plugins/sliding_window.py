@@ -23,7 +23,7 @@ import attrs
 
 from cachepolicy.errors import ParameterError
 from cachepolicy.hookspecs import hookimpl
-from cachepolicy.policy import Policy, Selection, positive_int
+from cachepolicy.policy import CacheBound, Policy, Selection, positive_int
 
 if TYPE_CHECKING:  # pragma: no cover
     from cachepolicy.cache import CacheView
@@ -50,6 +50,10 @@ class SlidingWindow(Policy):
                 f"sliding-window: frames={self.frames} is shorter than one chunk; the model commits "
                 f"{model.frames_per_chunk} frames per chunk, so use frames >= {model.frames_per_chunk}"
             )
+
+    def cache_bound(self, model: ModelInfo) -> CacheBound:
+        """It keeps at most ``frames`` context frames (plus what other policies protect)."""
+        return CacheBound(kept_frames=self.frames)
 
     @hookimpl
     def cachepolicy_select(self, session: Session, view: CacheView) -> Selection:

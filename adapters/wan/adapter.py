@@ -93,14 +93,26 @@ class WanRotary:
 
 
 class ForwardState:
-    """What the processors and the RoPE hook need during one adapter forward (set, then cleared)."""
+    """What the processors and the RoPE hook need during one adapter forward (set, then cleared), and the
+    cross-attention keys/values kept across forwards (:class:`CachedCrossAttnProcessor`)."""
 
     def __init__(self) -> None:
         self.cache: KVCache | None = None
         self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: what the cross-attention keys/values of this forward depend on: (id and version of the conditioning,
+        #: the cache's serial and epoch, branch); None outside a forward
+        self.context_key: tuple[int, ...] | None = None
+        self.conditioning: torch.Tensor | None = None
+        #: per (branch, layer): (context_key, conditioning, keys, values) of the last conditioning seen; the
+        #: conditioning is held so that its id cannot be reused by another tensor while the entry exists
+        self.cross: dict[tuple[int, int], tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def clear(self) -> None:
-        self.__init__()
+        """End of a forward: forget the forward's state, keep the cross-attention keys/values."""
+        self.cache = None
+        self.rotary = None
+        self.context_key = None
+        self.conditioning = None
 
 
 class AbsoluteRopeHook(ModelHook):
@@ -154,6 +166,48 @@ class CachedWanAttnProcessor:
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
         out = cache.attend(self.layer, query, key, value, attention=self.attention)
+        out = out.flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+class CachedCrossAttnProcessor:
+    """Cross-attention of one Wan block whose keys/values are computed once per conditioning.
+
+    The prompt's keys and values do not change between the calls of a chunk (nor between chunks, until the
+    prompt switches or the cache is flushed), so inside an adapter forward they are reused from the last call
+    with the same conditioning tensor (same object and version), the same cache epoch and the same guidance
+    branch: exactly what diffusers' ``WanAttnProcessor`` would compute, without the two projections per call.
+    Outside an adapter forward, and for image-conditioned blocks, it is the stock processor.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, layer: int, state: ForwardState, stock: Any = None) -> None:
+        self.layer = layer
+        self.state = state
+        self._stock = stock or WanAttnProcessor()
+
+    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        state = self.state
+        if state.context_key is None or attn.add_k_proj is not None or encoder_hidden_states is None:
+            return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        slot = (state.context_key[-1], self.layer)
+        entry = state.cross.get(slot)
+        if entry is None or entry[0] != state.context_key:
+            if attn.fused_projections:
+                key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+            else:
+                key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+            entry = (state.context_key, state.conditioning, key, value.unflatten(2, (attn.heads, -1)))
+            state.cross[slot] = entry
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        out = dispatch_attention_fn(query, entry[2], entry[3], attn_mask=attention_mask, dropout_p=0.0,
+                                    is_causal=False, backend=self._attention_backend)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -289,9 +343,10 @@ class WanAdapter(ModelAdapter):
         )
         self._state = ForwardState()
         self._weights_id: str | None = None
-        self._original_processors = [block.attn1.processor for block in model.blocks]
+        self._original_processors = [(block.attn1.processor, block.attn2.processor) for block in model.blocks]
         for layer, block in enumerate(model.blocks):
             block.attn1.set_processor(self.processor_class(layer, self._state))
+            block.attn2.set_processor(CachedCrossAttnProcessor(layer, self._state, block.attn2.processor))
         HookRegistry.check_if_exists_or_initialize(model.rope).register_hook(
             AbsoluteRopeHook(self._state), self.rope_hook_name
         )
@@ -304,8 +359,10 @@ class WanAdapter(ModelAdapter):
     # ------------------------------------------------------------------------------------ lifecycle
     def detach(self) -> WanTransformer3DModel:
         """Restore the model's stock processors and RoPE; returns the model."""
-        for block, processor in zip(self.model.blocks, self._original_processors):
-            block.attn1.set_processor(processor)
+        for block, (self_attention, cross_attention) in zip(self.model.blocks, self._original_processors):
+            block.attn1.set_processor(self_attention)
+            block.attn2.set_processor(cross_attention)
+        self._state.cross.clear()
         HookRegistry.check_if_exists_or_initialize(self.model.rope).remove_hook(self.rope_hook_name, recurse=False)
         return self.model
 
@@ -389,6 +446,8 @@ class WanAdapter(ModelAdapter):
                            own_mask=self._chunk_mask(num_frames, cache.device)):
             state.cache = cache
             state.rotary = own_tables
+            state.context_key = (id(conditioning), conditioning._version, cache.serial, cache.epoch, call.branch)
+            state.conditioning = conditioning
             try:
                 with torch.no_grad():
                     return self._model_call(latent, timesteps, conditioning)

@@ -116,13 +116,13 @@ def test_ragged_heads_attend_only_to_what_they_hold(monkeypatch):
     """After a per-head split, one attention call per head group, each over its own resident length."""
     adapter = load_tiny_wan(seed=2, **MODEL)
     shapes = []
-    original = wan_adapter.dispatch_attention_fn
+    original = wan_adapter.CachedWanAttnProcessor.attention
 
-    def spy(query, key, value, **kwargs):
+    def spy(self, query, key, value, mask):
         shapes.append((query.shape[2], key.shape[1]))
-        return original(query, key, value, **kwargs)
+        return original(self, query, key, value, mask)
 
-    monkeypatch.setattr(wan_adapter, "dispatch_attention_fn", spy)
+    monkeypatch.setattr(wan_adapter.CachedWanAttnProcessor, "attention", spy)
     _, records, session = recorded(adapter, [RandomKeep(granularity="head", fraction=0.6, seed=3)], 4, [0])
     # the last context pass: per layer, heads that held the same tokens share one call over them + the chunk's
     expected = []
@@ -169,14 +169,14 @@ def test_a_merge_equals_attention_over_the_merged_keys_and_values(monkeypatch):
     assert cache.head_lengths()[0] == [90] * info.num_heads and cache.head_lengths()[1] == [96] * info.num_heads
 
     seen = []
-    original = wan_adapter.dispatch_attention_fn
+    original = wan_adapter.CachedWanAttnProcessor.attention
 
-    def spy(query, key, value, **kwargs):
-        out = original(query, key, value, **kwargs)
+    def spy(self, query, key, value, mask):
+        out = original(self, query, key, value, mask)
         seen.append((query, out))
         return out
 
-    monkeypatch.setattr(wan_adapter, "dispatch_attention_fn", spy)
+    monkeypatch.setattr(wan_adapter.CachedWanAttnProcessor, "attention", spy)
     adapter_forward(adapter, torch.randn(shape, generator=generator), torch.full((1, 3), 500.0), 6, 2, cache, cond,
                     False)
     query, out = seen[0]  # layer 0

@@ -75,13 +75,13 @@ def test_raw_read_with_overridden_positions_rotates_keys_by_hand(monkeypatch):
     override = torch.where(view.chunk == 0, view.frame + 7, view.rope_pos)  # chunk 0 to positions 7..9
 
     seen = []
-    original = wan_adapter.dispatch_attention_fn
+    original = wan_adapter.CachedWanAttnProcessor.attention
 
-    def spy(query, key, value, **kwargs):
+    def spy(self, query, key, value, mask):
         seen.append(key.clone())
-        return original(query, key, value, **kwargs)
+        return original(self, query, key, value, mask)
 
-    monkeypatch.setattr(wan_adapter, "dispatch_attention_fn", spy)
+    monkeypatch.setattr(wan_adapter.CachedWanAttnProcessor, "attention", spy)
     latent = torch.randn(shape, generator=generator)
     adapter_forward(adapter, latent, torch.full((2, frames), 500.0), 2 * frames, 2, cache, cond, False,
                     rope_positions=override)
