@@ -8,6 +8,7 @@ string, resolved only when that model is loaded, so discovery stays fast.
 from __future__ import annotations
 
 import abc
+import functools
 import importlib
 import math
 from collections.abc import Sequence
@@ -51,22 +52,47 @@ class Sampler:
             default) or the noise the model ``predicted`` (``eps = x + (1 - sigma) * v``), which makes each
             step the Euler step ``x <- x + (sigma_next - sigma) * v`` of the flow ODE: what an undistilled
             model such as the drift lab needs.
-        table: when not warping, call the model with the raw steps and look each step's sigma up in the
-            shifted 1000-entry training table of Self Forcing's / CausVid's ``FlowMatchScheduler``
-            (``shift * s / (1 + (shift - 1) * s)`` for ``s`` in ``linspace(1, 0, 1001)[:-1]``, nearest
-            timestep), as CausVid's unwarped steps ``1000, 757, 522`` do (757 -> sigma 0.75676). Without
-            it an unwarped step ``t`` has sigma ``t / 1000``.
+        table: take timesteps and sigmas from the float32 1000-entry training table of the systems'
+            ``FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True).set_timesteps(1000)``
+            (:func:`flow_match_table`), exactly as their inference code does; the steps must then be
+            integers (their ``denoising_step_list`` is a long tensor). With ``warp`` (Self Forcing,
+            LongLive, Rolling Forcing: ``warp_denoising_step``) step ``s`` calls the model with the table's
+            float32 timestep ``timesteps[1000 - s]`` (750 -> 937.5, 200 -> 555.5556030273438); without it
+            (CausVid) with the raw step (757). Either way the step's sigma is the table entry nearest to
+            that timestep, looked up in float64 like their ``_convert_flow_pred_to_x0`` (757 -> 0.75676;
+            555.5556030273438 -> 0.5555555820465088). Without ``table``, a warped step's sigma is computed
+            in float64 (``shift*s / (1 + (shift-1)*s)``, timestep ``1000 * sigma``) and an unwarped step
+            ``t`` has sigma ``t / 1000``: near, but not equal, to the official float32 numbers (docs
+            "Recipes").
     """
 
     denoising_steps: tuple[float, ...] = attrs.field(
         default=(1000.0, 750.0, 500.0, 250.0), converter=lambda v: tuple(float(x) for x in v), validator=_steps
     )
     shift: float = attrs.field(default=5.0, converter=float)
-    warp: bool = True
+    warp: bool = attrs.field(default=True)
     context_noise: float = attrs.field(default=0.0, converter=float)
     noise: str = attrs.field(default="fresh")
-    table: bool = False
+    table: bool = attrs.field(default=False)
     guidance: float = attrs.field(default=1.0, converter=float)
+
+    @table.validator
+    def _check_table(self, attribute: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise ParameterError(f"sampler table must be true or false, got {value!r}")
+        if value:
+            fractional = [t for t in self.denoising_steps if not float(t).is_integer()]
+            if fractional:
+                raise ParameterError(
+                    f"sampler table=true indexes the 1000-entry training table with integer steps (the systems' "
+                    f"denoising_step_list is a long tensor), got non-integer steps {fractional}; give integer "
+                    f"steps in [1, 1000] or table=false"
+                )
+
+    @warp.validator
+    def _check_warp(self, attribute: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise ParameterError(f"sampler warp must be true or false, got {value!r}")
 
     @guidance.validator
     def _check_guidance(self, attribute: attrs.Attribute, value: float) -> None:
@@ -95,8 +121,8 @@ class Sampler:
 
     def sigmas(self) -> list[float]:
         """Noise levels in (0, 1] of the denoising steps (``x = (1 - sigma) * x0 + sigma * noise``)."""
-        if self.table and not self.warp:
-            return [table_sigma(t, self.shift) for t in self.denoising_steps]
+        if self.table:
+            return [table_sigma(t, self.shift) for t in self.timesteps()]
         sigmas = []
         for t in self.denoising_steps:
             s = t / 1000.0
@@ -106,10 +132,14 @@ class Sampler:
         return sigmas
 
     def timesteps(self) -> list[float]:
-        """The timesteps in (0, 1000] the model is called with, one per step: ``1000 * sigma``, except
-        with ``table`` (the raw steps, whose sigma comes from the table)."""
-        if self.table and not self.warp:
-            return list(self.denoising_steps)
+        """The timesteps in (0, 1000] the model is called with, one per step: with ``table``, the table's
+        float32 timestep ``timesteps[1000 - step]`` when warping and the raw step otherwise; without it
+        ``1000 * sigma``."""
+        if self.table:
+            if not self.warp:
+                return list(self.denoising_steps)
+            _, timesteps = flow_match_table(self.shift)
+            return [timesteps[1000 - int(t)] for t in self.denoising_steps]
         return [1000.0 * s for s in self.sigmas()]
 
     def to_json(self) -> dict[str, Any]:
@@ -126,17 +156,29 @@ class Sampler:
         }
 
 
-def table_sigma(timestep: float, shift: float) -> float:
-    """Sigma of the training-table entry nearest to ``timestep`` (Self Forcing's / CausVid's
-    ``FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True).set_timesteps(1000)``, float32 table,
-    nearest entry looked up in float64 like their ``_convert_flow_pred_to_x0``)."""
+@functools.lru_cache(maxsize=16)
+def flow_match_table(shift: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(sigmas, timesteps)``, 1000 entries each (sigma 1 first), of the training table that Self
+    Forcing, LongLive, Rolling Forcing and CausVid build (``FlowMatchScheduler(shift, sigma_min=0,
+    extra_one_step=True).set_timesteps(1000)``), computed with the same float32 torch operations in the same
+    order: ``s = linspace(1, 0, 1001)[:-1]``, ``sigmas = shift * s / (1 + (shift - 1) * s)``,
+    ``timesteps = sigmas * 1000``. The float32 values are returned as Python floats (exact)."""
     import torch
 
     sigmas = torch.linspace(1.0, 0.0, 1001, dtype=torch.float32)[:-1]
     sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-    timesteps = (sigmas * 1000).double()
-    index = int(torch.argmin((timesteps - float(timestep)).abs()))
-    return float(sigmas[index])
+    timesteps = sigmas * 1000
+    return tuple(sigmas.tolist()), tuple(timesteps.tolist())
+
+
+def table_sigma(timestep: float, shift: float) -> float:
+    """Sigma of the training-table entry (:func:`flow_match_table`) nearest to ``timestep``, looked up in
+    float64 like the systems' ``_convert_flow_pred_to_x0`` (the first entry on a tie, as ``argmin``)."""
+    import torch
+
+    sigmas, timesteps = flow_match_table(float(shift))
+    index = int(torch.argmin((torch.tensor(timesteps, dtype=torch.float64) - float(timestep)).abs()))
+    return sigmas[index]
 
 
 @attrs.frozen
