@@ -10,8 +10,9 @@ from __future__ import annotations
 import abc
 import functools
 import importlib
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -156,6 +157,102 @@ class Sampler:
         }
 
 
+#: ``sampler=`` spec keys (``--model-option sampler=KEY=VALUE,...``) and the :class:`Sampler` fields they set.
+SAMPLER_SPEC_KEYS = {"steps": "denoising_steps", "shift": "shift", "warp": "warp", "table": "table",
+                     "context_noise": "context_noise", "noise": "noise", "guidance": "guidance"}
+
+
+def _spec_bool(key: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "1"):
+        return True
+    if lowered in ("false", "no", "0"):
+        return False
+    raise ParameterError(f"sampler {key}={text!r} is not allowed; write true or false")
+
+
+def _spec_number(key: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ParameterError(f"sampler {key}={text!r} is not a number") from None
+
+
+def parse_sampler(value: Any) -> Sampler:
+    """A :class:`Sampler` from what a user can write for a model's ``sampler`` option.
+
+    Accepted:
+
+    * a :class:`Sampler` (returned as it is);
+    * a recipe name (``"self-forcing"``, ``"causvid"``, ``"longlive"``, ``"rolling-forcing"``): that recipe's
+      sampler;
+    * a spec ``"KEY=VALUE,KEY=VALUE"``, optionally after a recipe name whose sampler it edits
+      (``"rolling-forcing,guidance=3"``). Keys: ``steps`` (``/``-separated timesteps, e.g.
+      ``1000/750/500/250``), ``shift``, ``warp`` and ``table`` (true/false), ``context_noise``, ``noise``
+      (``fresh`` or ``predicted``), ``guidance``. Unnamed fields keep :class:`Sampler`'s defaults;
+    * a mapping of :class:`Sampler` fields (``steps`` is accepted for ``denoising_steps``).
+
+    Anything else raises :class:`~cachepolicy.errors.ParameterError` naming the value and what is allowed.
+    """
+    if isinstance(value, Sampler):
+        return value
+    if isinstance(value, Mapping):
+        fields = {SAMPLER_SPEC_KEYS.get(key, key): item for key, item in value.items()}
+        allowed = {f.name for f in attrs.fields(Sampler)}
+        unknown = sorted(set(fields) - allowed)
+        if unknown:
+            raise ParameterError(f"sampler: unknown field(s) {unknown}; allowed: {', '.join(sorted(allowed))}")
+        return Sampler(**fields)
+    if not isinstance(value, str) or not value.strip():
+        raise ParameterError(
+            f"sampler={value!r} is not allowed; give a recipe name (e.g. sampler=self-forcing) or a spec such as "
+            f"sampler=steps=1000/750/500/250,shift=5,warp=true,table=true"
+        )
+    from cachepolicy.recipes import RECIPES, get_recipe
+
+    terms = [term.strip() for term in value.split(",") if term.strip()]
+    base = Sampler()
+    if terms and "=" not in terms[0]:
+        name = terms.pop(0)
+        if name not in RECIPES:
+            raise ParameterError(
+                f"sampler={value!r}: {name!r} is not a recipe ({', '.join(RECIPES)}); give a recipe name, "
+                f"KEY=VALUE terms ({', '.join(SAMPLER_SPEC_KEYS)}) or both, e.g. sampler=causvid or "
+                f"sampler=steps=1000/750/500/250,shift=5,warp=true,table=true"
+            )
+        recipe = get_recipe(name)
+        if recipe.sampler is None:
+            raise ParameterError(f"sampler={value!r}: recipe {recipe.name!r} has no sampler of its own")
+        base = recipe.sampler
+    changes: dict[str, Any] = {}
+    for term in terms:
+        key, eq, text = term.partition("=")
+        key = key.strip()
+        if not eq or key not in SAMPLER_SPEC_KEYS:
+            raise ParameterError(
+                f"sampler term {term!r} is not allowed; write KEY=VALUE with KEY one of "
+                f"{', '.join(SAMPLER_SPEC_KEYS)}, optionally after a recipe name ({', '.join(RECIPES)})"
+            )
+        if key == "steps":
+            try:
+                changes["denoising_steps"] = tuple(float(t) for t in text.replace(" ", "/").split("/") if t)
+            except ValueError:
+                raise ParameterError(f"sampler steps={text!r}: write /-separated timesteps, e.g. "
+                                     f"steps=1000/750/500/250") from None
+        elif key in ("warp", "table"):
+            changes[key] = _spec_bool(key, text)
+        elif key == "noise":
+            changes[key] = text.strip()
+        else:
+            changes[SAMPLER_SPEC_KEYS[key]] = _spec_number(key, text)
+    return attrs.evolve(base, **changes)
+
+
+def as_sampler(value: Any) -> Sampler:
+    """:func:`parse_sampler`, with None meaning the default :class:`Sampler` (``ModelInfo.sampler``'s converter)."""
+    return Sampler() if value is None else parse_sampler(value)
+
+
 @functools.lru_cache(maxsize=16)
 def flow_match_table(shift: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(sigmas, timesteps)``, 1000 entries each (sigma 1 first), of the training table that Self
@@ -186,7 +283,9 @@ class ModelInfo:
     """Static facts about a loaded model that the engine and policies rely on.
 
     Units: ``frames_per_chunk`` and ``max_frames`` are latent frames; ``tokens_per_frame`` is
-    ``token_rows * token_cols`` tokens; latent sizes are latent pixels.
+    ``token_rows * token_cols`` tokens; latent sizes are latent pixels. ``sampler`` is the model's default
+    sampler; anything :func:`parse_sampler` accepts is converted (None: ``Sampler()``), anything else is
+    refused with a :class:`~cachepolicy.errors.ParameterError`.
     """
 
     name: str
@@ -203,7 +302,7 @@ class ModelInfo:
     max_frames: int = attrs.field(validator=_positive)
     device: str
     dtype: str
-    sampler: Sampler = attrs.field(factory=Sampler)
+    sampler: Sampler = attrs.field(factory=Sampler, converter=as_sampler)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -333,9 +432,22 @@ class ModelEntry:
     provides_ground_truth: bool = False
 
     def load(self, **options: Any) -> ModelAdapter:
+        """Call the loader with ``options``. An option the loader does not take is refused with a
+        :class:`~cachepolicy.errors.ParameterError` listing the ones it takes (before anything is loaded);
+        a ``sampler`` option is parsed with :func:`parse_sampler` first."""
         module_name, _, attr = self.loader.partition(":")
         try:
             function = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise PluginLoadError(f"cannot load model {self.name!r}: {self.loader!r} failed: {exc}") from exc
+        parameters = inspect.signature(function).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            unknown = sorted(set(options) - set(parameters))
+            if unknown:
+                takes = [name for name, p in parameters.items()
+                         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+                raise ParameterError(f"model {self.name!r} takes no option(s) {', '.join(unknown)}; its options: "
+                                     f"{', '.join(takes) or 'none'}")
+        if "sampler" in options:
+            options = {**options, "sampler": parse_sampler(options["sampler"])}
         return function(**options)
