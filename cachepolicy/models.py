@@ -8,9 +8,11 @@ string, resolved only when that model is loaded, so discovery stays fast.
 from __future__ import annotations
 
 import abc
+import functools
 import importlib
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -51,22 +53,47 @@ class Sampler:
             default) or the noise the model ``predicted`` (``eps = x + (1 - sigma) * v``), which makes each
             step the Euler step ``x <- x + (sigma_next - sigma) * v`` of the flow ODE: what an undistilled
             model such as the drift lab needs.
-        table: when not warping, call the model with the raw steps and look each step's sigma up in the
-            shifted 1000-entry training table of Self Forcing's / CausVid's ``FlowMatchScheduler``
-            (``shift * s / (1 + (shift - 1) * s)`` for ``s`` in ``linspace(1, 0, 1001)[:-1]``, nearest
-            timestep), as CausVid's unwarped steps ``1000, 757, 522`` do (757 -> sigma 0.75676). Without
-            it an unwarped step ``t`` has sigma ``t / 1000``.
+        table: take timesteps and sigmas from the float32 1000-entry training table of the systems'
+            ``FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True).set_timesteps(1000)``
+            (:func:`flow_match_table`), exactly as their inference code does; the steps must then be
+            integers (their ``denoising_step_list`` is a long tensor). With ``warp`` (Self Forcing,
+            LongLive, Rolling Forcing: ``warp_denoising_step``) step ``s`` calls the model with the table's
+            float32 timestep ``timesteps[1000 - s]`` (750 -> 937.5, 200 -> 555.5556030273438); without it
+            (CausVid) with the raw step (757). Either way the step's sigma is the table entry nearest to
+            that timestep, looked up in float64 like their ``_convert_flow_pred_to_x0`` (757 -> 0.75676;
+            555.5556030273438 -> 0.5555555820465088). Without ``table``, a warped step's sigma is computed
+            in float64 (``shift*s / (1 + (shift-1)*s)``, timestep ``1000 * sigma``) and an unwarped step
+            ``t`` has sigma ``t / 1000``: near, but not equal, to the official float32 numbers (docs
+            "Recipes").
     """
 
     denoising_steps: tuple[float, ...] = attrs.field(
         default=(1000.0, 750.0, 500.0, 250.0), converter=lambda v: tuple(float(x) for x in v), validator=_steps
     )
     shift: float = attrs.field(default=5.0, converter=float)
-    warp: bool = True
+    warp: bool = attrs.field(default=True)
     context_noise: float = attrs.field(default=0.0, converter=float)
     noise: str = attrs.field(default="fresh")
-    table: bool = False
+    table: bool = attrs.field(default=False)
     guidance: float = attrs.field(default=1.0, converter=float)
+
+    @table.validator
+    def _check_table(self, attribute: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise ParameterError(f"sampler table must be true or false, got {value!r}")
+        if value:
+            fractional = [t for t in self.denoising_steps if not float(t).is_integer()]
+            if fractional:
+                raise ParameterError(
+                    f"sampler table=true indexes the 1000-entry training table with integer steps (the systems' "
+                    f"denoising_step_list is a long tensor), got non-integer steps {fractional}; give integer "
+                    f"steps in [1, 1000] or table=false"
+                )
+
+    @warp.validator
+    def _check_warp(self, attribute: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise ParameterError(f"sampler warp must be true or false, got {value!r}")
 
     @guidance.validator
     def _check_guidance(self, attribute: attrs.Attribute, value: float) -> None:
@@ -95,8 +122,8 @@ class Sampler:
 
     def sigmas(self) -> list[float]:
         """Noise levels in (0, 1] of the denoising steps (``x = (1 - sigma) * x0 + sigma * noise``)."""
-        if self.table and not self.warp:
-            return [table_sigma(t, self.shift) for t in self.denoising_steps]
+        if self.table:
+            return [table_sigma(t, self.shift) for t in self.timesteps()]
         sigmas = []
         for t in self.denoising_steps:
             s = t / 1000.0
@@ -106,10 +133,14 @@ class Sampler:
         return sigmas
 
     def timesteps(self) -> list[float]:
-        """The timesteps in (0, 1000] the model is called with, one per step: ``1000 * sigma``, except
-        with ``table`` (the raw steps, whose sigma comes from the table)."""
-        if self.table and not self.warp:
-            return list(self.denoising_steps)
+        """The timesteps in (0, 1000] the model is called with, one per step: with ``table``, the table's
+        float32 timestep ``timesteps[1000 - step]`` when warping and the raw step otherwise; without it
+        ``1000 * sigma``."""
+        if self.table:
+            if not self.warp:
+                return list(self.denoising_steps)
+            _, timesteps = flow_match_table(self.shift)
+            return [timesteps[1000 - int(t)] for t in self.denoising_steps]
         return [1000.0 * s for s in self.sigmas()]
 
     def to_json(self) -> dict[str, Any]:
@@ -126,17 +157,125 @@ class Sampler:
         }
 
 
-def table_sigma(timestep: float, shift: float) -> float:
-    """Sigma of the training-table entry nearest to ``timestep`` (Self Forcing's / CausVid's
-    ``FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True).set_timesteps(1000)``, float32 table,
-    nearest entry looked up in float64 like their ``_convert_flow_pred_to_x0``)."""
+#: ``sampler=`` spec keys (``--model-option sampler=KEY=VALUE,...``) and the :class:`Sampler` fields they set.
+SAMPLER_SPEC_KEYS = {"steps": "denoising_steps", "shift": "shift", "warp": "warp", "table": "table",
+                     "context_noise": "context_noise", "noise": "noise", "guidance": "guidance"}
+
+
+def _spec_bool(key: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "1"):
+        return True
+    if lowered in ("false", "no", "0"):
+        return False
+    raise ParameterError(f"sampler {key}={text!r} is not allowed; write true or false")
+
+
+def _spec_number(key: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ParameterError(f"sampler {key}={text!r} is not a number") from None
+
+
+def parse_sampler(value: Any) -> Sampler:
+    """A :class:`Sampler` from what a user can write for a model's ``sampler`` option.
+
+    Accepted:
+
+    * a :class:`Sampler` (returned as it is);
+    * a recipe name (``"self-forcing"``, ``"causvid"``, ``"longlive"``, ``"rolling-forcing"``): that recipe's
+      sampler;
+    * a spec ``"KEY=VALUE,KEY=VALUE"``, optionally after a recipe name whose sampler it edits
+      (``"rolling-forcing,guidance=3"``). Keys: ``steps`` (``/``-separated timesteps, e.g.
+      ``1000/750/500/250``), ``shift``, ``warp`` and ``table`` (true/false), ``context_noise``, ``noise``
+      (``fresh`` or ``predicted``), ``guidance``. Unnamed fields keep :class:`Sampler`'s defaults;
+    * a mapping of :class:`Sampler` fields (``steps`` is accepted for ``denoising_steps``).
+
+    Anything else raises :class:`~cachepolicy.errors.ParameterError` naming the value and what is allowed.
+    """
+    if isinstance(value, Sampler):
+        return value
+    if isinstance(value, Mapping):
+        fields = {SAMPLER_SPEC_KEYS.get(key, key): item for key, item in value.items()}
+        allowed = {f.name for f in attrs.fields(Sampler)}
+        unknown = sorted(set(fields) - allowed)
+        if unknown:
+            raise ParameterError(f"sampler: unknown field(s) {unknown}; allowed: {', '.join(sorted(allowed))}")
+        return Sampler(**fields)
+    if not isinstance(value, str) or not value.strip():
+        raise ParameterError(
+            f"sampler={value!r} is not allowed; give a recipe name (e.g. sampler=self-forcing) or a spec such as "
+            f"sampler=steps=1000/750/500/250,shift=5,warp=true,table=true"
+        )
+    from cachepolicy.recipes import RECIPES, get_recipe
+
+    terms = [term.strip() for term in value.split(",") if term.strip()]
+    base = Sampler()
+    if terms and "=" not in terms[0]:
+        name = terms.pop(0)
+        if name not in RECIPES:
+            raise ParameterError(
+                f"sampler={value!r}: {name!r} is not a recipe ({', '.join(RECIPES)}); give a recipe name, "
+                f"KEY=VALUE terms ({', '.join(SAMPLER_SPEC_KEYS)}) or both, e.g. sampler=causvid or "
+                f"sampler=steps=1000/750/500/250,shift=5,warp=true,table=true"
+            )
+        recipe = get_recipe(name)
+        if recipe.sampler is None:
+            raise ParameterError(f"sampler={value!r}: recipe {recipe.name!r} has no sampler of its own")
+        base = recipe.sampler
+    changes: dict[str, Any] = {}
+    for term in terms:
+        key, eq, text = term.partition("=")
+        key = key.strip()
+        if not eq or key not in SAMPLER_SPEC_KEYS:
+            raise ParameterError(
+                f"sampler term {term!r} is not allowed; write KEY=VALUE with KEY one of "
+                f"{', '.join(SAMPLER_SPEC_KEYS)}, optionally after a recipe name ({', '.join(RECIPES)})"
+            )
+        if key == "steps":
+            try:
+                changes["denoising_steps"] = tuple(float(t) for t in text.replace(" ", "/").split("/") if t)
+            except ValueError:
+                raise ParameterError(f"sampler steps={text!r}: write /-separated timesteps, e.g. "
+                                     f"steps=1000/750/500/250") from None
+        elif key in ("warp", "table"):
+            changes[key] = _spec_bool(key, text)
+        elif key == "noise":
+            changes[key] = text.strip()
+        else:
+            changes[SAMPLER_SPEC_KEYS[key]] = _spec_number(key, text)
+    return attrs.evolve(base, **changes)
+
+
+def as_sampler(value: Any) -> Sampler:
+    """:func:`parse_sampler`, with None meaning the default :class:`Sampler` (``ModelInfo.sampler``'s converter)."""
+    return Sampler() if value is None else parse_sampler(value)
+
+
+@functools.lru_cache(maxsize=16)
+def flow_match_table(shift: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(sigmas, timesteps)``, 1000 entries each (sigma 1 first), of the training table that Self
+    Forcing, LongLive, Rolling Forcing and CausVid build (``FlowMatchScheduler(shift, sigma_min=0,
+    extra_one_step=True).set_timesteps(1000)``), computed with the same float32 torch operations in the same
+    order: ``s = linspace(1, 0, 1001)[:-1]``, ``sigmas = shift * s / (1 + (shift - 1) * s)``,
+    ``timesteps = sigmas * 1000``. The float32 values are returned as Python floats (exact)."""
     import torch
 
     sigmas = torch.linspace(1.0, 0.0, 1001, dtype=torch.float32)[:-1]
     sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-    timesteps = (sigmas * 1000).double()
-    index = int(torch.argmin((timesteps - float(timestep)).abs()))
-    return float(sigmas[index])
+    timesteps = sigmas * 1000
+    return tuple(sigmas.tolist()), tuple(timesteps.tolist())
+
+
+def table_sigma(timestep: float, shift: float) -> float:
+    """Sigma of the training-table entry (:func:`flow_match_table`) nearest to ``timestep``, looked up in
+    float64 like the systems' ``_convert_flow_pred_to_x0`` (the first entry on a tie, as ``argmin``)."""
+    import torch
+
+    sigmas, timesteps = flow_match_table(float(shift))
+    index = int(torch.argmin((torch.tensor(timesteps, dtype=torch.float64) - float(timestep)).abs()))
+    return sigmas[index]
 
 
 @attrs.frozen
@@ -144,7 +283,9 @@ class ModelInfo:
     """Static facts about a loaded model that the engine and policies rely on.
 
     Units: ``frames_per_chunk`` and ``max_frames`` are latent frames; ``tokens_per_frame`` is
-    ``token_rows * token_cols`` tokens; latent sizes are latent pixels.
+    ``token_rows * token_cols`` tokens; latent sizes are latent pixels. ``sampler`` is the model's default
+    sampler; anything :func:`parse_sampler` accepts is converted (None: ``Sampler()``), anything else is
+    refused with a :class:`~cachepolicy.errors.ParameterError`.
     """
 
     name: str
@@ -161,7 +302,7 @@ class ModelInfo:
     max_frames: int = attrs.field(validator=_positive)
     device: str
     dtype: str
-    sampler: Sampler = attrs.field(factory=Sampler)
+    sampler: Sampler = attrs.field(factory=Sampler, converter=as_sampler)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -291,9 +432,22 @@ class ModelEntry:
     provides_ground_truth: bool = False
 
     def load(self, **options: Any) -> ModelAdapter:
+        """Call the loader with ``options``. An option the loader does not take is refused with a
+        :class:`~cachepolicy.errors.ParameterError` listing the ones it takes (before anything is loaded);
+        a ``sampler`` option is parsed with :func:`parse_sampler` first."""
         module_name, _, attr = self.loader.partition(":")
         try:
             function = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise PluginLoadError(f"cannot load model {self.name!r}: {self.loader!r} failed: {exc}") from exc
+        parameters = inspect.signature(function).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            unknown = sorted(set(options) - set(parameters))
+            if unknown:
+                takes = [name for name, p in parameters.items()
+                         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+                raise ParameterError(f"model {self.name!r} takes no option(s) {', '.join(unknown)}; its options: "
+                                     f"{', '.join(takes) or 'none'}")
+        if "sampler" in options:
+            options = {**options, "sampler": parse_sampler(options["sampler"])}
         return function(**options)

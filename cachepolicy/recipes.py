@@ -15,8 +15,9 @@ Built-in recipes (``cachepolicy recipes`` lists them; semantics and sources in d
 
 ``self-forcing``
     Self Forcing (arXiv 2506.08009), ``configs/self_forcing_dmd.yaml`` at commit 33593df: 3 frames per
-    chunk, steps 1000/750/500/250 warped with shift 5, context noise 0, global attention (its cache holds
-    21 frames, the trained length; compose a window to go further).
+    chunk, steps 1000/750/500/250 warped with shift 5 through the float32 training table (the model is
+    fed 1000, 937.5, 833.3333129882812, 625, as the official code feeds it), context noise 0, global
+    attention (its cache holds 21 frames, the trained length; compose a window to go further).
 ``causvid``
     CausVid (arXiv 2412.07772), ``configs/wan_causal_dmd.yaml`` and
     ``minimal_inference/longvideo_autoregressive_inference.py`` at ca21150: unwarped steps 1000/757/522
@@ -31,8 +32,9 @@ Built-in recipes (``cachepolicy recipes`` lists them; semantics and sources in d
 ``rolling-forcing``
     Rolling Forcing (arXiv 2509.25161), ``configs/rolling_forcing_dmd.yaml``,
     ``pipeline/rolling_forcing_inference.py`` and ``wan/modules/causal_model.py`` at a1477d0: steps
-    1000/800/600/400/200 warped with shift 5, a rolling window of 5 blocks denoised jointly (one block per
-    step), a 3-frame anchor re-rotated to sit before the working cache, 21 attended frames.
+    1000/800/600/400/200 warped with shift 5 through the float32 training table, a rolling window of 5
+    blocks denoised jointly (one block per step), a 3-frame anchor re-rotated to sit before the working
+    cache, 21 attended frames.
 """
 
 from __future__ import annotations
@@ -240,7 +242,8 @@ RECIPES: dict[str, Recipe] = {
             name="self-forcing",
             summary="Self Forcing: 4 steps warped with shift 5, context noise 0, global attention",
             source="guandeh17/Self-Forcing@33593df configs/self_forcing_dmd.yaml, pipeline/causal_inference.py",
-            sampler=Sampler(denoising_steps=(1000, 750, 500, 250), shift=5.0, warp=True, context_noise=0.0),
+            sampler=Sampler(denoising_steps=(1000, 750, 500, 250), shift=5.0, warp=True, table=True,
+                            context_noise=0.0),
         ),
         Recipe(
             name="causvid",
@@ -254,7 +257,8 @@ RECIPES: dict[str, Recipe] = {
             name="longlive",
             summary="LongLive: Self Forcing's sampler, 3-frame sink in a 12-frame window, KV re-cache at prompt switches",
             source="NVlabs/LongLive@7add41d configs/longlive_inference.yaml, pipeline/interactive_causal_inference.py",
-            sampler=Sampler(denoising_steps=(1000, 750, 500, 250), shift=5.0, warp=True, context_noise=0.0),
+            sampler=Sampler(denoising_steps=(1000, 750, 500, 250), shift=5.0, warp=True, table=True,
+                            context_noise=0.0),
             policies=("attention-sink:frames=3", "sliding-window:frames=6"),
             recache=Recache(window_frames=12, sink_frames=3),
         ),
@@ -264,7 +268,8 @@ RECIPES: dict[str, Recipe] = {
                     "21 attended frames",
             source="TencentARC/RollingForcing@a1477d0 configs/rolling_forcing_dmd.yaml, "
                    "pipeline/rolling_forcing_inference.py, wan/modules/causal_model.py",
-            sampler=Sampler(denoising_steps=(1000, 800, 600, 400, 200), shift=5.0, warp=True, context_noise=0.0),
+            sampler=Sampler(denoising_steps=(1000, 800, 600, 400, 200), shift=5.0, warp=True, table=True,
+                            context_noise=0.0),
             policies=("attention-sink:frames=3", "sliding-window:frames=18"),
             rolling=Rolling(anchor_frames=3, max_attention_frames=21),
             rope_mode="raw",

@@ -243,23 +243,136 @@ def _constructor_arguments(model_class: type = WanTransformer3DModel) -> set[str
     return {name for name in inspect.signature(model_class.__init__).parameters if name != "self"}
 
 
+#: keys of the autoregressive systems' own inference / training configs (Self Forcing's, LongLive's, Rolling
+#: Forcing's and CausVid's YAML files); none of them is a Wan architecture key
+AR_CONFIG_KEYS = frozenset({
+    "local_attn_size", "sink_size", "model_kwargs", "denoising_step_list", "warp_denoising_step", "timestep_shift",
+    "context_noise", "num_frame_per_block", "global_sink", "independent_first_frame", "generator_ckpt", "lora_ckpt",
+    "num_output_frames", "switch_frame_indices", "generator_name", "real_name", "use_ema", "num_training_frames",
+})
+
+
+def _ar_setting(config: Mapping[str, Any], key: str, default: Any) -> Any:
+    """``model_kwargs.key`` (what the systems' ``WanDiffusionWrapper`` receives) before a top-level ``key``."""
+    kwargs = config.get("model_kwargs")
+    if isinstance(kwargs, Mapping) and key in kwargs:
+        return kwargs[key]
+    return config.get(key, default)
+
+
+def translate_ar_config(config: Mapping[str, Any]) -> str:
+    """What the cache and sampler settings of an autoregressive system's config are in ``cachepolicy``.
+
+    ``local_attn_size=L`` and ``sink_size=S`` (latent frames; ``L`` counts the sink and the chunk's own
+    ``F = num_frame_per_block`` frames, ``-1`` is global attention) are the policies
+    ``attention-sink:frames=S+sliding-window:frames=L-S-F``; ``denoising_step_list``,
+    ``warp_denoising_step``, ``timestep_shift`` and ``context_noise`` are a sampler
+    (``sampler=steps=...,shift=...,warp=...,table=true,context_noise=...``, the float32 training table
+    their code indexes). Returns one paragraph for an error message, naming the recipe a setting matches.
+    """
+    from cachepolicy.models import Sampler
+    from cachepolicy.recipes import RECIPES
+
+    parts: list[str] = []
+    frames = config.get("num_frame_per_block", 1)
+    local = _ar_setting(config, "local_attn_size", -1)
+    sink = _ar_setting(config, "sink_size", 0)
+    kwargs = config.get("model_kwargs")
+    stated = {"local_attn_size", "sink_size"} & (set(config) | (set(kwargs) if isinstance(kwargs, Mapping) else set()))
+    if not stated:
+        pass
+    elif not isinstance(local, int) or isinstance(local, bool) or not isinstance(sink, int) or isinstance(sink, bool):
+        parts.append(f"local_attn_size={local!r}, sink_size={sink!r} (per-layer or non-integer windows) have no "
+                     f"policy equivalent here")
+    elif local == -1:
+        parts.append("local_attn_size=-1 (global attention) is the default here: no policy, or --policy full")
+    else:
+        specs = [f"attention-sink:frames={sink}"] if sink > 0 else []
+        window = local - sink - int(frames)
+        if window >= int(frames):
+            specs.append(f"sliding-window:frames={window}")
+            spec = "+".join(specs)
+            same = [name for name, recipe in RECIPES.items() if recipe.policies and "+".join(recipe.policies) == spec]
+            parts.append(f"local_attn_size={local}, sink_size={sink} with {frames} frames per block is "
+                         f"--policy {spec}" + (f" (the policies of the {same[0]} recipe: --recipe {same[0]})"
+                                               if same else ""))
+        else:
+            parts.append(f"local_attn_size={local}, sink_size={sink} with {frames} frames per block leaves a window "
+                         f"of {window} frames, shorter than one chunk, which sliding-window refuses")
+    steps = config.get("denoising_step_list")
+    if isinstance(steps, (list, tuple)) and steps:
+        steps = [int(t) for t in steps]
+        if steps[-1] == 0:  # CausVid lists the final 0 and drops it
+            steps = steps[:-1]
+        warp = bool(config.get("warp_denoising_step", False))
+        shift = float(_ar_setting(config, "timestep_shift", 8.0))
+        context = float(config.get("context_noise", 0))
+        try:
+            sampler = Sampler(denoising_steps=tuple(steps), shift=shift, warp=warp, table=True, context_noise=context)
+        except ParameterError as exc:
+            parts.append(f"its sampler settings are not valid here: {exc}")
+        else:
+            text = (f"--model-option sampler=steps={'/'.join(str(t) for t in steps)},shift={shift:g},"
+                    f"warp={str(warp).lower()},table=true,context_noise={context:g}")
+            same = [name for name, recipe in RECIPES.items() if recipe.sampler == sampler]
+            parts.append(f"denoising_step_list={list(config['denoising_step_list'])}, warp_denoising_step={warp}, "
+                         f"timestep_shift={shift:g}, context_noise={context:g} is {text}"
+                         + (f" (the sampler of the {' and '.join(same)} recipe{'s' if len(same) > 1 else ''})"
+                            if same else ""))
+    if int(frames) != 3:
+        parts.append(f"num_frame_per_block={frames} is --model-option frames_per_chunk={frames}")
+    return "; ".join(parts)
+
+
+def _read_config_file(source: Path) -> Any:
+    if source.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as exc:
+            raise ParameterError(f"config {source} is a YAML file (an autoregressive system's own config?) and PyYAML "
+                                 f"is not installed; config= takes the Wan architecture config.json") from exc
+        try:
+            return yaml.safe_load(source.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ParameterError(f"config {source}: cannot read a YAML config: {exc}") from exc
+    try:
+        return json.loads(source.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ParameterError(f"config {source}: cannot read a JSON config: {exc}") from exc
+
+
 def normalise_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     """A user config in diffusers' or the original Wan vocabulary -> ``WanTransformer3DModel`` arguments.
 
     ``config`` may be a dict or a path to a JSON file (a diffusers ``config.json``, an original Wan
     ``config.json`` such as ``Wan2.1-T2V-1.3B/config.json``, or a folder holding either). Keys starting
     with ``_`` are metadata and ignored. The original ``dim`` becomes a check (``heads * head_dim``).
+
+    An autoregressive system's own config (Self Forcing's ``self_forcing_dmd.yaml``, LongLive's
+    ``longlive_inference.yaml``...: keys such as ``local_attn_size``, ``sink_size``, ``denoising_step_list``,
+    see :data:`AR_CONFIG_KEYS`), as a dict, a JSON or a YAML file, is refused with a
+    :class:`~cachepolicy.errors.ParameterError` that says what its settings are here
+    (:func:`translate_ar_config`): the policy spec of its window and sink, the sampler option, the recipe
+    they match.
     """
+    source: Any = "config"
     if isinstance(config, (str, Path)):
         source = Path(config)
         if source.is_dir():
             source = source / "config.json"
-        try:
-            config = json.loads(source.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ParameterError(f"config {source}: cannot read a JSON config: {exc}") from exc
+        config = _read_config_file(source)
         if not isinstance(config, Mapping):
             raise ParameterError(f"config {source} holds a {type(config).__name__}, expected a JSON object")
+        source = f"config {source}"
+    ar_keys = sorted(AR_CONFIG_KEYS & set(config))
+    if ar_keys:
+        raise ParameterError(
+            f"{source} has keys of an autoregressive system's own inference config ({', '.join(ar_keys)}), not Wan "
+            f"architecture keys. In cachepolicy the cache window and sink are policies and the denoising steps a "
+            f"sampler, chosen per run, not with the model: {translate_ar_config(config)}. config= takes only the "
+            f"architecture (an original Wan config.json such as wan_models/Wan2.1-T2V-1.3B/config.json, a diffusers "
+            f"config.json, or a dict of either), and the checkpoint's shapes usually make it unnecessary"
+        )
     allowed = _constructor_arguments()
     out: dict[str, Any] = {}
     dim = None
@@ -480,6 +593,8 @@ def load_training_checkpoint(path: str | Path, *, ema: bool = True,
         lora: a :class:`~cachepolicy.adapters.wan.lora.LoraWeights` merged into the original-layout weights
             before conversion (LongLive), with ``lora_alpha`` (default: its rank, a scale of 1).
     """
+    if config is not None:
+        normalise_config(config)  # a bad config is refused before the checkpoint is read
     which, raw = read_generator_state_dict(path, ema=ema)
     source = f"checkpoint {path} ['{which}']" if not which.startswith("(") else f"checkpoint {path}"
     stripped = strip_prefixes(raw)
@@ -651,6 +766,8 @@ def load_wan_checkpoint(checkpoint: str | Path | None = None, *, model: str = "w
     from cachepolicy.adapters.wan.components import check_component_sources
 
     _check_options(model, unknown, _LOADER_OPTIONS, checkpoint, "checkpoints/self_forcing_dmd.pt")
+    if config is not None:
+        normalise_config(config)  # refused before anything is read
     check_component_sources(text_encoder=text_encoder, vae=vae)
     transformer = load_training_checkpoint(str(checkpoint), ema=_as_bool("ema", ema), config=config, dtype=dtype,
                                            device=device)
@@ -697,6 +814,8 @@ def load_longlive(checkpoint: str | Path | None = None, *, lora: str | Path | No
     model = "longlive"
     _check_options(model, unknown, (*_LOADER_OPTIONS, *_LORA_OPTIONS), checkpoint,
                    "longlive_models/models/longlive_base.pt")
+    if config is not None:
+        normalise_config(config)  # refused before anything is read
     if lora is None:
         raise ParameterError("model 'longlive' needs lora=PATH (LongLive's LoRA weights, e.g. --model-option "
                              "lora=longlive_models/models/lora.pt); to run the base alone, use wan-checkpoint")

@@ -507,3 +507,60 @@ def test_infer_config_needs_heads_when_dim_is_not_a_multiple_of_128():
     with pytest.raises(ParameterError, match="unknown Wan config key 'heads'"):
         infer_config(state, {"heads": 2})
 
+
+
+LONGLIVE_YAML = """\
+denoising_step_list: [1000, 750, 500, 250]
+warp_denoising_step: true
+num_frame_per_block: 3
+model_name: Wan2.1-T2V-1.3B
+model_kwargs:
+  local_attn_size: 12
+  timestep_shift: 5.0
+  sink_size: 3
+num_output_frames: 120
+global_sink: true
+context_noise: 0
+"""
+
+
+def test_an_ar_systems_own_config_is_refused_with_its_policies_and_sampler(tmp_path, registry):
+    """LongLive's ``longlive_inference.yaml`` passed as ``config=``: refused before the checkpoint is read, with
+    the policy spec and the sampler option its keys mean; both round-trip to the longlive recipe."""
+    from cachepolicy.models import parse_sampler
+    from cachepolicy.policy import build_policies
+    from cachepolicy.recipes import get_recipe
+
+    path = tmp_path / "longlive_inference.yaml"
+    path.write_text(LONGLIVE_YAML)
+    with pytest.raises(ParameterError) as caught:  # the absent checkpoint is never reached
+        registry.model("longlive").load(checkpoint=str(tmp_path / "absent.pt"), lora=str(tmp_path / "absent_lora.pt"),
+                                        config=str(path))
+    message = str(caught.value)
+    assert "keys of an autoregressive system's own inference config (context_noise, denoising_step_list" in message
+    assert ("local_attn_size=12, sink_size=3 with 3 frames per block is --policy "
+            "attention-sink:frames=3+sliding-window:frames=6 (the policies of the longlive recipe: --recipe longlive)"
+            in message)
+    spec = re.search(r"--policy (\S+)", message).group(1)
+    assert [p.spec for p in build_policies([spec], registry.policies)] == list(get_recipe("longlive").policies)
+    sampler = re.search(r"--model-option sampler=(\S+)", message).group(1)
+    assert parse_sampler(sampler) == get_recipe("longlive").sampler
+    assert "(the sampler of the self-forcing and longlive recipes)" in message
+    assert "config= takes only the architecture" in message
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"local_attn_size": 9, "num_frame_per_block": 3, "num_heads": 12}, "is --policy sliding-window:frames=6."),
+    ({"model_kwargs": {"local_attn_size": 6, "sink_size": 3}, "num_frame_per_block": 3},
+     "leaves a window of 0 frames, shorter than one chunk"),
+    ({"model_kwargs": {"local_attn_size": -1, "sink_size": 0}}, "local_attn_size=-1 (global attention) is the default"),
+    ({"denoising_step_list": [1000, 757, 522, 0], "timestep_shift": 8.0},
+     "sampler=steps=1000/757/522,shift=8,warp=false,table=true,context_noise=0 (the sampler of the causvid recipe)"),
+    ({"denoising_step_list": [1000, 800, 600, 400, 200], "warp_denoising_step": True,
+      "model_kwargs": {"timestep_shift": 5.0}}, "(the sampler of the rolling-forcing recipe)"),
+])
+def test_ar_config_keys_in_a_dict_are_translated(config, expected):
+    state = original_to_diffusers(strip_prefixes(wrapped(random_original(21))))[0]
+    with pytest.raises(ParameterError) as caught:
+        infer_config(state, config)
+    assert expected in str(caught.value)

@@ -5,8 +5,9 @@ not from this project's engine or cache: a fixed-size physical K/V buffer per la
 LongLive's index arithmetic (``global_end_index``, ``local_end_index``, sink slots, roll on overflow,
 LongLive's re-cache write that skips the sink slots), CausVid's unbounded buffer written at
 ``[current_start, current_end)`` and read up to ``current_end``, stock diffusers modules for everything
-else, and one ``scaled_dot_product_attention`` over the keys the original would concatenate. Only the
-noise draws are shared with the engine (they are inputs, not semantics).
+else, and one ``scaled_dot_product_attention`` over the keys the original would concatenate. The
+timesteps and sigmas are the numbers recorded from the official code (``official_numbers.py``), not the
+recipe's. Only the noise draws are shared with the engine (they are inputs, not semantics).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from cachepolicy.adapters.wan.tiny import load_tiny_wan
+from tests.adapters.official_numbers import SIGMAS, SOURCES, TIMESTEPS
 from tests.adapters.original import OriginalBuffer, project_qkv, rotate
 from cachepolicy.api import build_policies
 from cachepolicy.engine import PromptSwitch, RolloutConfig, Session
 from cachepolicy.noise import noise_seed
-from cachepolicy.errors import RolloutConfigError
-from cachepolicy.models import table_sigma
+from cachepolicy.errors import ParameterError, RolloutConfigError
+from cachepolicy.models import Sampler, flow_match_table, table_sigma
 from cachepolicy.recipes import get_recipe, merge_policy_specs
 
 TOL = 1e-5
@@ -158,13 +160,13 @@ SEEDS = (11, 12)
 
 def test_self_forcing_recipe_equals_the_original_loop_global_and_windowed():
     recipe = get_recipe("self-forcing")
-    sampler = recipe.sampler
     for window, sink, policies in ((-1, 0, ()), (9, 3, ("attention-sink:frames=3+sliding-window:frames=3",))):
         num_chunks = 6
         adapter, run, shape = _setup(num_chunks, "self-forcing", window_frames=window, sink_frames=sink)
         cond = adapter.encode_prompts(list(PROMPTS))
         frames = adapter.info.frames_per_chunk
-        expected = [denoise_chunk(run, c, c * frames, cond, SEEDS, sampler.timesteps(), sampler.sigmas(), shape)
+        expected = [denoise_chunk(run, c, c * frames, cond, SEEDS, TIMESTEPS["self-forcing"],
+                                  SIGMAS["self-forcing"], shape)
                     for c in range(num_chunks)]
         result, _ = engine_latents(adapter, recipe, num_chunks, PROMPTS, SEEDS, policies)
         diff = (result.latents - torch.cat(expected, dim=2)).abs().max().item()
@@ -175,7 +177,6 @@ def test_longlive_recipe_equals_the_original_loop_with_prompt_switches():
     """Switches at chunk 2 (frame 6 <= 12: every frame re-encoded, the sink too) and chunk 6 (frame 18:
     the 9 frames before it re-encoded, the sink's old K/V kept), LongLive's ``global_sink=True``."""
     recipe = get_recipe("longlive")
-    sampler = recipe.sampler
     num_chunks = 9
     adapter, run, shape = _setup(num_chunks, "longlive", window_frames=12, sink_frames=3)
     frames = adapter.info.frames_per_chunk
@@ -190,7 +191,7 @@ def test_longlive_recipe_equals_the_original_loop_with_prompt_switches():
             count = min(12, start)
             previous = torch.cat(output, dim=2)[:, :, start - count:start]
             run.forward(previous, 0.0, start - count, cond)
-        output.append(denoise_chunk(run, c, start, cond, SEEDS, sampler.timesteps(), sampler.sigmas(), shape))
+        output.append(denoise_chunk(run, c, start, cond, SEEDS, TIMESTEPS["longlive"], SIGMAS["longlive"], shape))
     result, session = engine_latents(adapter, recipe, num_chunks, PROMPTS, SEEDS,
                                      switches=[PromptSwitch(c, p) for c, p in switches.items()])
     diff = (result.latents - torch.cat(output, dim=2)).abs().max().item()
@@ -208,8 +209,6 @@ def test_causvid_recipe_equals_the_original_long_video_loop():
     """Rollouts of 21 frames (7 chunks); each later rollout starts from the last 3 frames at position 0
     and adds 6 chunks: 14 chunks = rollout 0 (chunks 0-6), 1 (7-12), 2 (13)."""
     recipe = get_recipe("causvid")
-    sampler = recipe.sampler
-    assert sampler.timesteps() == [1000.0, 757.0, 522.0]
     num_chunks = 14
     adapter, run, shape = _setup(num_chunks, "causvid")
     frames = adapter.info.frames_per_chunk
@@ -222,8 +221,8 @@ def test_causvid_recipe_equals_the_original_long_video_loop():
             start_latents = torch.cat(output, dim=2)[:, :, -3:]
             run.forward(start_latents, 0.0, 0, cond)
             block = 1
-        output.append(denoise_chunk(run, chunk, block * frames, cond, SEEDS, sampler.timesteps(),
-                                    sampler.sigmas(), shape))
+        output.append(denoise_chunk(run, chunk, block * frames, cond, SEEDS, TIMESTEPS["causvid"],
+                                    SIGMAS["causvid"], shape))
         chunk += 1
         block += 1
     result, _ = engine_latents(adapter, recipe, num_chunks, PROMPTS, SEEDS)
@@ -231,6 +230,53 @@ def test_causvid_recipe_equals_the_original_long_video_loop():
     assert diff <= TOL, diff
     restarts = {r["chunk"]: r.get("restart_overlap_frames") for r in result.trace}
     assert restarts[7] == [18, 21] and restarts[13] == [36, 39] and restarts[8] is None
+
+
+@pytest.mark.parametrize("name", ["self-forcing", "longlive", "rolling-forcing", "causvid"])
+def test_recipe_feeds_the_official_float32_numbers_exactly(name):
+    """Every timestep the model is called with and every sigma of ``x0 = x - sigma * v`` and of the
+    re-noising equal, to the bit, what the official code computes (``official_numbers.py``)."""
+    sampler = get_recipe(name).sampler
+    assert get_recipe(name).source.split("@")[1][:7] == SOURCES[name].split("@")[1][:7]
+    assert tuple(sampler.timesteps()) == TIMESTEPS[name]
+    assert tuple(sampler.sigmas()) == SIGMAS[name]
+    assert all(float(torch.tensor(t, dtype=torch.float32)) == t for t in sampler.timesteps())  # float32 values
+
+
+def test_float64_warping_misses_the_official_numbers():
+    """What the float32 table changes: a float64 warp cast to float32 is one float32 step off at three of
+    Rolling Forcing's five model timesteps, and its float64 sigmas differ from the table's at every
+    non-trivial step (Self Forcing's timesteps happen to round the same)."""
+    rolling = Sampler(denoising_steps=(1000, 800, 600, 400, 200), shift=5.0, warp=True)
+    cast = [float(torch.tensor(t, dtype=torch.float32)) for t in rolling.timesteps()]
+    off = [i for i, (a, b) in enumerate(zip(cast, TIMESTEPS["rolling-forcing"])) if a != b]
+    assert off == [1, 2, 4]
+    for i in off:
+        ulp = torch.finfo(torch.float32).eps * 2 ** 9  # one float32 step at [512, 1024)
+        assert abs(cast[i] - TIMESTEPS["rolling-forcing"][i]) == ulp
+    assert [i for i, (a, b) in enumerate(zip(rolling.sigmas(), SIGMAS["rolling-forcing"])) if a != b] == [1, 2, 3, 4]
+    self_forcing = Sampler(denoising_steps=(1000, 750, 500, 250), shift=5.0, warp=True)
+    assert [float(torch.tensor(t, dtype=torch.float32)) for t in self_forcing.timesteps()] == list(
+        TIMESTEPS["self-forcing"])
+    assert self_forcing.sigmas()[2] != SIGMAS["self-forcing"][2]  # 0.8333333333333334 vs 0.8333333134651184
+
+
+def test_flow_match_table_by_hand():
+    sigmas, timesteps = flow_match_table(5.0)
+    assert len(sigmas) == len(timesteps) == 1000 and sigmas[0] == 1.0 and timesteps[0] == 1000.0
+    # entry 1000 - 750 = 250: s = linspace value 0.75, 5 * 0.75 / (1 + 4 * 0.75) = 0.9375, exact in float32
+    assert sigmas[250] == 0.9375 and timesteps[250] == 937.5
+    assert all(a > b for a, b in zip(timesteps, timesteps[1:]))  # strictly decreasing: lookups are unique
+
+
+def test_table_sampler_needs_integer_steps_and_booleans():
+    with pytest.raises(ParameterError, match=r"integer steps.*got non-integer steps \[937.5\]"):
+        Sampler(denoising_steps=(1000, 937.5), table=True)
+    with pytest.raises(ParameterError, match="sampler warp must be true or false, got 'yes'"):
+        Sampler(warp="yes")
+    with pytest.raises(ParameterError, match="sampler table must be true or false, got 1"):
+        Sampler(table=1)
+    assert Sampler(denoising_steps=(1000, 937.5), warp=False).timesteps() == [1000.0, 937.5]
 
 
 def test_causvid_sigmas_come_from_the_shift_8_table():

@@ -6,7 +6,8 @@ physical K/V buffer per layer with ``global_end_index`` / ``local_end_index``, t
 RoPE in slots 0..2 (written raw only when ``local_start == 0``) and re-rotated on read
 (``causal_rope_apply`` at ``rope_start_frame``), the roll that keeps slots 0..2, only the first block of
 each call written, the original's extract ranges, its start/end-of-video timestep slicing and a context
-pass after every window. Stock diffusers modules do everything else. Only the noise draws are shared with
+pass after every window, fed the float32 timesteps and sigmas recorded from the official code
+(``official_numbers.py``). Stock diffusers modules do everything else. Only the noise draws are shared with
 the engine (inputs, not semantics).
 """
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 import cachepolicy.adapters.wan.adapter as wan_adapter
 from cachepolicy.adapters.wan.tiny import load_tiny_wan
+from tests.adapters.official_numbers import SIGMAS, TIMESTEPS
 from tests.adapters.original import OriginalBuffer, project_qkv, rotate
 from tests.oracle import adapter_forward, layer_keys
 from cachepolicy.api import build_policies
@@ -269,7 +271,8 @@ def original_rolling_forcing(run, num_blocks, cond, timesteps, sigmas, shape):
 NUM_BLOCKS = 11  # windows with first block >= 7 (context pass without the anchor) and the buffer roll
 
 
-def _reference(rerotate_anchor=True):
+def _reference(rerotate_anchor=True, timesteps=TIMESTEPS["rolling-forcing"], sigmas=SIGMAS["rolling-forcing"]):
+    """The reimplementation, fed the timesteps and sigmas recorded from the official code (float32 table)."""
     adapter = load_tiny_wan(seed=3)
     info = adapter.info
     reference = load_tiny_wan(seed=3).detach()
@@ -277,8 +280,7 @@ def _reference(rerotate_anchor=True):
     run = RollingRun(reference, 2, info.tokens_per_frame, NUM_BLOCKS * 3 + 3,
                      (info.latent_height, info.latent_width), rerotate_anchor)
     cond = adapter.encode_prompts(list(PROMPTS))
-    sampler = get_recipe("rolling-forcing").sampler
-    return original_rolling_forcing(run, NUM_BLOCKS, cond, sampler.timesteps(), sampler.sigmas(), shape)
+    return original_rolling_forcing(run, NUM_BLOCKS, cond, timesteps, sigmas, shape)
 
 
 def _recipe_rollout(user_policies=()):
@@ -296,7 +298,8 @@ def recipe_result():
 
 def test_rolling_forcing_sampler_and_defaults():
     recipe = get_recipe("rolling-forcing")
-    assert recipe.sampler.timesteps() == pytest.approx([1000.0, 952.381, 882.353, 769.231, 555.556], abs=1e-3)
+    assert tuple(recipe.sampler.timesteps()) == TIMESTEPS["rolling-forcing"]  # bit for bit
+    assert tuple(recipe.sampler.sigmas()) == SIGMAS["rolling-forcing"]
     assert recipe.rope_mode == "raw" and recipe.rolling.anchor_frames == 3
     assert recipe.policies == ("attention-sink:frames=3", "sliding-window:frames=18")
     # n_work: full window -> 1 block; 4 blocks -> 2; 1 block -> 5; never more than f - 1
@@ -314,6 +317,18 @@ def test_rolling_forcing_recipe_equals_the_original_loop(recipe_result):
     assert result.trace[-1]["window_blocks"] == [NUM_BLOCKS - 1, NUM_BLOCKS - 1]
     # sink + 6 most recent blocks stay resident: 21 frames
     assert session.cache.max_length == 21 * session.model.tokens_per_frame
+
+
+def test_float64_schedule_misses_the_official_rollout(recipe_result):
+    """The same recipe with the float64 warp (``table=False``: timesteps one float32 step off at three of
+    five steps, sigmas off in float64) leaves the official rollout by more than the tolerance (measured
+    4.9e-5 on latents of peak 5.5), so the comparison above tells the two schedules apart."""
+    recipe = get_recipe("rolling-forcing")
+    config = RolloutConfig(num_chunks=NUM_BLOCKS, prompts=PROMPTS, seeds=SEEDS, recipe=recipe,
+                           sampler=attrs.evolve(recipe.sampler, table=False))
+    float64 = Session(load_tiny_wan(seed=3), build_policies(*merge_policy_specs(recipe, [])), config).run()
+    assert (float64.latents - _reference()).abs().max().item() > 2 * TOL
+    assert (recipe_result[0].latents - _reference()).abs().max().item() <= TOL
 
 
 def test_anchor_re_rotation_matters(recipe_result):

@@ -54,12 +54,41 @@ def test_run_traces_the_resident_tokens_on_request(tmp_path):
     (["run", "tiny-wan", "--chunks", "2", "--dtype", "float8"], "dtype 'float8' is not supported"),
     (["run", "tiny-wan", "--chunks", "2", "--recipe", "causvit"], "unknown recipe 'causvit'. Did you mean 'causvid'"),
     (["run", "tiny-wan", "--chunks", "4", "--switch", "4:a dog"], "a prompt switch at chunk 4 does not exist"),
+    (["run", "tiny-wan", "--chunks", "2", "--model-option", "sampler=fresh"],
+     "sampler='fresh': 'fresh' is not a recipe (self-forcing, causvid, longlive, rolling-forcing)"),
+    (["run", "tiny-wan", "--chunks", "2", "--model-option", "sampler=causvid,guidance=x"],
+     "sampler guidance='x' is not a number"),
+    (["run", "tiny-wan", "--chunks", "2", "--model-option", "sampler=steps=1000/500,wrap=true"],
+     "sampler term 'wrap=true' is not allowed; write KEY=VALUE with KEY one of steps, shift, warp"),
+    (["run", "tiny-wan", "--chunks", "2", "--model-option", "sampler=steps=1000/1000"],
+     "denoising steps must be strictly decreasing"),
+    (["run", "tiny-wan", "--chunks", "2", "--model-option", "sampler=3"], "sampler=3 is not allowed; give a recipe"),
+    (["run", "drift-lab", "--chunks", "2", "--model-option", "sampler=causvid"],
+     "model 'drift-lab' takes no option(s) sampler; its options: path, device, dtype, steps, noise, guidance"),
 ])
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "run"
     assert main([*args, "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("option, expected", [
+    ("causvid", {"denoising_steps": [1000.0, 757.0, 522.0], "shift": 8.0, "warp": False, "table": True}),
+    ("rolling-forcing,guidance=2.5", {"timesteps": [1000.0, 952.3810424804688, 882.3529052734375,
+                                                    769.2307739257812, 555.5556030273438], "guidance": 2.5}),
+    ("steps=1000/500,shift=3,noise=predicted", {"denoising_steps": [1000.0, 500.0], "shift": 3.0,
+                                                "noise": "predicted", "sigmas": [1.0, 0.75]}),
+])
+def test_model_option_sampler_sets_the_models_sampler(tmp_path, option, expected):
+    """``--model-option sampler=...`` (once an AttributeError deep in the engine) is the model's sampler."""
+    out = tmp_path / "run"
+    assert main(["run", "tiny-wan", "--chunks", "1", "--model-option", f"sampler={option}", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["model_options"] == {"sampler": option}
+    for key, value in expected.items():
+        assert run["sampler"][key] == value, key
+    assert len(run["sampler"]["timesteps"]) == len(run["sampler"]["denoising_steps"])
 
 
 def test_existing_run_is_not_overwritten_without_force(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from cachepolicy.errors import ParameterError, RolloutConfigError, UnknownNameError
@@ -77,3 +78,30 @@ def test_rolling_forcing_recipe_fields():
         Recipe(name="x", summary="", rolling=Rolling())
     with pytest.raises(ParameterError, match="rope_mode must be 'absolute' or 'raw'"):
         Recipe(name="x", summary="", rope_mode="relative")
+
+
+def test_parse_sampler_accepts_recipes_specs_mappings_and_samplers():
+    from cachepolicy.models import ModelInfo, Sampler, parse_sampler
+
+    assert parse_sampler("self-forcing") == get_recipe("self-forcing").sampler
+    assert parse_sampler(" causvid , guidance=3 ") == attrs.evolve(get_recipe("causvid").sampler, guidance=3.0)
+    assert parse_sampler("steps=1000/750/500/250,shift=5,warp=true,table=true") == get_recipe("longlive").sampler
+    assert parse_sampler({"steps": [1000, 500], "warp": False}) == Sampler(denoising_steps=(1000, 500), warp=False)
+    sampler = Sampler(guidance=2.0)
+    assert parse_sampler(sampler) is sampler
+    with pytest.raises(ParameterError, match=r"unknown field\(s\) \['step'\]; allowed: context_noise, denoising_steps"):
+        parse_sampler({"step": [1000]})
+    with pytest.raises(ParameterError, match="sampler warp='maybe' is not allowed; write true or false"):
+        parse_sampler("warp=maybe")
+    with pytest.raises(ParameterError, match="sampler steps='1000/x': write /-separated timesteps"):
+        parse_sampler("steps=1000/x")
+    with pytest.raises(ParameterError, match="sampler noise='stale' is not allowed; choose fresh or predicted"):
+        parse_sampler("causvid,noise=stale")
+    # the model's sampler goes through the same conversion: no AttributeError deep in the engine
+    info = dict(name="m", adapter="a", frames_per_chunk=3, latent_channels=4, latent_height=2, latent_width=2,
+                token_rows=1, token_cols=1, num_layers=1, num_heads=1, head_dim=4, max_frames=21, device="cpu",
+                dtype="float32")
+    assert ModelInfo(**info, sampler="rolling-forcing").sampler == get_recipe("rolling-forcing").sampler
+    assert ModelInfo(**info, sampler=None).sampler == Sampler()
+    with pytest.raises(ParameterError, match=r"sampler=\['causvid'\] is not allowed; give a recipe name"):
+        ModelInfo(**info, sampler=["causvid"])

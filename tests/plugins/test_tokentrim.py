@@ -213,6 +213,90 @@ def test_summary_at_final_decides_on_the_candidate(registry):
         assert [r[key] for r in final] == [r[key] for r in first]
 
 
+# x0 per chunk and denoising step of a 3-step sampler (1000, 750, 500; sigma t / 1000), one sample, N = 4, D = 1.
+# The final x0 is [c, 0, 0, 0]: every final drift is 1 at token 0 (sigma of the history 0, no trigger ever).
+# The first step predicts [c + 0.5, 0, 0, 0] (drift 1.5 against the committed previous chunk), except chunk 3,
+# whose first step shows a jump of 6 at token 2 until token 2 is pruned. The middle step predicts [c + 20, ...]:
+# a summary read there would give severities near 20.
+def multi_step_script(sample: int, chunk: int, pruned: bool, step: int) -> list[float]:
+    if step == 2:
+        return [chunk, 0, 0, 0]
+    if step == 1:
+        return [chunk + 20, 0, 0, 0]
+    return [chunk + 0.5, 0, 6 if chunk == 3 and not pruned else 0, 0]
+
+
+def run_multi_step(spec: str, registry) -> tuple[list[dict], ScriptedAdapter]:
+    adapter = ScriptedAdapter(multi_step_script, 4, steps=(1000, 750, 500))
+    session = Session(adapter, build_policies(spec, registry.policies),
+                      RolloutConfig(num_chunks=6, prompts=["x"], seeds=[0]))
+    return session.run().trace, adapter
+
+
+def test_summary_at_modes_read_different_steps_of_a_multi_step_sampler(registry):
+    """``first_step`` reads the x0 after step 0, ``final`` the x0 after the last step (never the middle one),
+    each against the committed previous chunk: the two modes give different severities and decisions."""
+    first, first_adapter = run_multi_step("tokentrim:p=0.25,lambda=1", registry)
+    final, _ = run_multi_step("tokentrim:p=0.25,lambda=1,summary_at=final", registry)
+    # first_step: |c + 0.5 - (c - 1)| = 1.5 every chunk; chunk 3's first attempt drifts by 6 at token 2 and
+    # triggers (6 > 1.5 + 1 * 0); its retry, with token 2 pruned, is accepted at 1.5 (not > 1.5)
+    assert column(first, "severity", 0) == approx_list([None, 1.5, 1.5, 1.5, 1.5, 1.5])
+    assert first[3]["severity_attempts"][0] == approx_list([6.0, 1.5])
+    assert column(first, "threshold", 0) == approx_list([None, None, None, 1.5, 1.5, 1.5])
+    assert column(first, "triggered", 0) == [False, False, False, True, False, False]
+    assert column(first, "pruned_positions", 0) == [[], [], [], [2], [], []]
+    # final: |c - (c - 1)| = 1 every chunk, no trigger (the jump never reaches the final x0)
+    assert column(final, "severity", 0) == approx_list([None, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert column(final, "triggered", 0) == [False] * 6 and column(final, "tokentrim_retries", 0) == [0] * 6
+    # the retry restarted chunk 3 after its first forward: 1 + 3 denoising forwards and the context pass
+    assert [(t, commit) for c, t, commit in first_adapter.calls if c == 3] == [
+        (1000.0, False), (1000.0, False), (750.0, False), (500.0, False), (0.0, True)]
+
+
+# F = 2 frames, D = 2 channels, N = 3 tokens: the chunk's summary Z (the frame mean) per chunk, with frames
+# Z + (c + 1) d and Z - (c + 1) d, so that only the mean over frames gives these drifts, and (3, 4) steps of
+# length 5 so that only the L2 norm over the two channels does.
+SUMMARIES = [
+    [[0, 0], [0, 0], [0, 0]],
+    [[3, 4], [0, 0], [0, 0]],      # token 0 drifts by 5
+    [[3, 4], [6, 8], [0, 0]],      # token 1 drifts by 10
+    [[3, 4], [6, 8], [9, 12]],     # token 2 drifts by 15: triggers
+    [[3, 4], [6, 8], [0.6, 0.8]],  # no drift
+]
+HEALED_SUMMARY = [[3, 4], [6, 8], [0.6, 0.8]]  # chunk 3 once token 2 is pruned: drift 1 at token 2
+FRAME_OFFSET = [[1, -2], [5, 5], [-3, 7]]
+
+
+def frames_script(sample: int, chunk: int, pruned: bool) -> list:
+    summary = HEALED_SUMMARY if chunk == 3 and pruned else SUMMARIES[chunk]
+    # nested [C][F][N]
+    scale = chunk + 1  # the frames' spread changes from chunk to chunk; only the frame mean is stable
+    return [[[summary[n][c] + sign * scale * FRAME_OFFSET[n][c] for n in range(3)] for sign in (1, -1)]
+            for c in range(2)]
+
+
+def test_tokentrim_with_several_frames_and_channels_by_hand(registry):
+    adapter = ScriptedAdapter(frames_script, 3, frames=2, channels=2)
+    session = Session(adapter, build_policies("tokentrim:p=0.3,lambda=1", registry.policies),
+                      RolloutConfig(num_chunks=5, prompts=["x"], seeds=[0]))
+    result = session.run()
+    trace = result.trace
+    assert result.latents.shape == (1, 2, 10, 1, 3)  # [B, C, F * chunks, H, W]
+    assert column(trace, "severity", 0) == approx_list([None, 5.0, 10.0, 1.0, 0.0])
+    assert trace[3]["severity_attempts"][0] == approx_list([15.0, 1.0])
+    mu = 16 / 3  # history [5, 10, 1] at chunk 4
+    sigma = math.sqrt(((5 - mu) ** 2 + (10 - mu) ** 2 + (1 - mu) ** 2) / 3)
+    assert column(trace, "threshold", 0) == approx_list([None, None, None, 7.5 + 2.5, mu + sigma])
+    assert column(trace, "triggered", 0) == [False, False, False, True, False]
+    assert column(trace, "pruned_positions", 0) == [[], [], [], [2], []]
+    # spatial token 2 of the 6 cached frames (chunks 0-2, 2 frames each) was removed from the cache
+    assert list(trace[3]["dropped_tokens"].values()) == [6]
+    assert column(trace, "cache_tokens_per_sample", 0) == [6, 12, 18, 18, 24]
+    view = session.cache.view()
+    resident = {(int(f), int(s)) for f, s, v in zip(view.frame[0], view.spatial_index[0], view.valid[0]) if v}
+    assert not any(s == 2 and f < 6 for f, s in resident) and (6, 2) in resident and (0, 0) in resident
+
+
 def test_lambda_spec_name_round_trips(registry):
     (policy,) = build_policies("tokentrim:lambda=1.5,p=0.2", registry.policies)
     assert policy.lam == 1.5 and policy.p == 0.2
@@ -313,6 +397,33 @@ def test_a_fault_makes_tokentrim_trigger_within_two_chunks(tiny_wan, registry):
     faulted = set(result.trace[4]["faulted_positions"][0])
     pruned = set(result.trace[5]["pruned_positions"][0])
     assert len(faulted) == 9 and pruned and pruned <= faulted  # all 7 pruned positions were corrupted
+
+
+@pytest.mark.parametrize("patch, latent_size", [((1, 2, 2), (8, 12)), ((1, 1, 2), (6, 8))])
+def test_token_grid_rows_are_the_models_patch_tokens(tiny_wan, patch, latent_size):
+    """B1's layout, checked against the model itself: row ``n`` of frame ``f`` of ``token_grid`` is the patch
+    that the transformer's own patch embedding turns into its token ``f * N + n`` (and, linearly, with the
+    Conv3d weight's ``(C, p_h, p_w)`` order), which is the cached token of frame ``f`` with spatial index
+    ``n``. Non-square token grids, so a row/column swap cannot pass."""
+    adapter = tiny_wan(seed=2, latent_size=latent_size, patch_size=patch)
+    info, model = adapter.info, adapter.model
+    n, frames = info.tokens_per_frame, info.frames_per_chunk
+    assert (info.token_rows, info.token_cols) == (latent_size[0] // patch[1], latent_size[1] // patch[2])
+    latent = torch.randn(2, info.latent_channels, frames, *latent_size, generator=torch.Generator().manual_seed(0))
+    grid = adapter.token_grid(latent)
+    assert grid.shape == (2, frames, n, info.latent_channels * patch[1] * patch[2])
+    with torch.no_grad():
+        tokens = model.patch_embedding(latent).flatten(2).transpose(1, 2)  # diffusers' order: frame, row, col
+        weight = model.patch_embedding.weight.reshape(model.patch_embedding.out_channels, -1)
+        embedded = grid.reshape(2, frames * n, -1) @ weight.T + model.patch_embedding.bias
+    assert (embedded - tokens).abs().max().item() <= 1e-5
+    # the cache records the model's token f * N + i as frame f, spatial index i
+    cache = adapter.new_cache(2)
+    oracle.adapter_forward(adapter, latent, torch.zeros(2, frames), 0, 0, cache, adapter.encode_prompts(["a", "b"]),
+                           True)
+    view = cache.view()
+    assert view.spatial_index[0].tolist() == list(range(n)) * frames
+    assert view.frame[0].tolist() == [f for f in range(frames) for _ in range(n)]
 
 
 TRACE_FIELDS = ("triggered", "pruned_positions", "tokentrim_retries", "retries_per_sample",
