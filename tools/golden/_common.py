@@ -360,3 +360,143 @@ def patched(obj: Any, name: str, value: Any, log: list | None = None, why: str =
         yield old
     finally:
         setattr(obj, name, old)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared driver pieces
+
+
+class CallTracer:
+    """Forward pre-hook on the reference's generator wrapper: names every model call of the AR loop.
+
+    Calls of one chunk are named ``names[k]`` in order (D1..D4 then CTX for a 4-step Self-Forcing loop);
+    the chunk index is ``current_start // (frames_per_chunk * frame_tokens)``.
+    """
+
+    def __init__(self, frame_tokens: int, frames_per_chunk: int = 3,
+                 names: tuple[str, ...] = ("D1", "D2", "D3", "D4", "CTX")):
+        self.F = frame_tokens
+        self.fpc = frames_per_chunk
+        self.names = names
+        self.call: dict | None = None
+        self.calls: list[dict] = []
+        self._chunk = -1
+        self._k = 0
+
+    def attach(self, module: torch.nn.Module) -> None:
+        module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, mod, args, kwargs):
+        cs = kwargs["current_start"]
+        chunk = cs // (self.fpc * self.F)
+        if chunk != self._chunk:
+            self._chunk, self._k = chunk, 0
+        t = kwargs["timestep"]
+        name = self.names[self._k] if self._k < len(self.names) else f"call{self._k}"
+        self.call = dict(chunk=chunk, start_frame=cs // self.F, call=name, timestep=float(t.flatten()[0]),
+                         timestep_dtype=str(t.dtype).replace("torch.", ""))
+        self.calls.append(dict(self.call))
+        self._k += 1
+
+    def draw_label(self) -> dict:
+        c = self.call
+        if c is None:
+            return dict(label="initial", chunk=None, after_call=None)
+        return dict(label=f"chunk{c['chunk']}/after_{c['call']}", chunk=c["chunk"], after_call=c["call"])
+
+    def call_label(self) -> dict:
+        c = self.call
+        return dict(label=f"chunk{c['chunk']}/{c['call']}", chunk=c["chunk"], call=c["call"],
+                    start_frame=c["start_frame"])
+
+
+class FakeTextEncoder(torch.nn.Module):
+    """Text encoder bypass: returns the fixed conditioning tensor as ``prompt_embeds``."""
+
+    def __init__(self, cond: torch.Tensor):
+        super().__init__()
+        self.cond = cond
+
+    def forward(self, text_prompts=None, **kw):
+        return {"prompt_embeds": self.cond}
+
+
+class FakeVAE(torch.nn.Module):
+    """VAE bypass: decoding returns a dummy (the latents are the recorded output)."""
+
+    def decode_to_pixel(self, latent, use_cache=False):
+        return torch.zeros(1)
+
+
+def rope_apply_fp32_interleaved(x, grid_size, freqs, start_frame=0):
+    """CPU equivalent of Forcing-KV's Triton ``rope_apply_triton`` (wan/modules/rope_triton.py:8-112).
+
+    Same arithmetic as the kernel: freqs cast to complex64, x read as interleaved (real, imag) fp32 pairs,
+    out_r = xr*fr - xi*fi, out_i = xr*fi + xi*fr in fp32, frame index = start_frame + token // (h*w),
+    row = (token % (h*w)) // w, column = token % w, grid (h, w) from ``grid_size[0]``. (A GPU may contract
+    the products into FMAs; that is a last-ulp difference.)
+    """
+    B, L, H, C = x.shape
+    if freqs.dtype != torch.complex64:
+        freqs = freqs.to(torch.complex64)
+    c_half = C // 2
+    c0 = c_half - 2 * (c_half // 3)
+    c1 = c_half // 3
+    f0, f1, f2 = freqs.split([c0, c1, c1], dim=1)
+    h, w = int(grid_size[0][1]), int(grid_size[0][2])
+    tok = torch.arange(L)
+    frame = start_frame + tok // (h * w)
+    hw = tok % (h * w)
+    fr = torch.cat([f0[frame], f1[hw // w], f2[hw % w]], dim=1)          # [L, c_half] complex64
+    fre = torch.view_as_real(fr)                                          # [L, c_half, 2] float32
+    xr = x.reshape(B, L, H, c_half, 2)
+    a, b = xr[..., 0], xr[..., 1]
+    cr = fre[:, None, :, 0][None]
+    ci = fre[:, None, :, 1][None]
+    out_r = a * cr - b * ci
+    out_i = a * ci + b * cr
+    return torch.stack([out_r, out_i], dim=-1).reshape(B, L, H, C).to(x.dtype)
+
+
+class _Unlaunchable:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        raise RuntimeError(f"golden driver: Triton kernel {getattr(self.fn, '__name__', self.fn)} launched; "
+                           "it must be replaced by a CPU equivalent")
+
+
+def install_triton_stub() -> bool:
+    """Make ``import triton`` / ``triton.language`` succeed where Triton is absent: ``@triton.jit`` returns an object
+    that raises when launched, so a kernel that is not replaced by the driver can never run silently."""
+    try:
+        if importlib.util.find_spec("triton") is not None:
+            return False
+    except (ImportError, ValueError):
+        pass
+
+    def jit(fn=None, **kw):
+        if fn is None:
+            return lambda f: _Unlaunchable(f)
+        return _Unlaunchable(fn)
+
+    tri = stub_module("triton", jit=jit, autotune=lambda *a, **k: (lambda f: f), Config=_Placeholder("triton.Config"))
+    tri.__path__ = []
+    lang = stub_module("triton.language")
+    tri.language = lang
+    return True
+
+
+def identify_rows(rows: torch.Tensor, bank: dict[int, torch.Tensor]) -> list[int | None]:
+    """For each row of ``rows`` [N, ...], the id in ``bank`` {id: row} whose tensor is bitwise equal (None if none)."""
+    ids = list(bank)
+    if not ids:
+        return [None] * rows.shape[0]
+    stack = torch.stack([bank[i] for i in ids]).flatten(1)
+    flat = rows.flatten(1)
+    out: list[int | None] = []
+    for r in flat:
+        hit = (stack == r).all(dim=1).nonzero()
+        out.append(ids[int(hit[0])] if hit.numel() else None)
+    return out
