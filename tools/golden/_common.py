@@ -383,8 +383,14 @@ class CallTracer:
         self._chunk = -1
         self._k = 0
 
+        self.in_call = False
+
     def attach(self, module: torch.nn.Module) -> None:
         module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        module.register_forward_hook(self._done)
+
+    def _done(self, mod, args, out):
+        self.in_call = False
 
     def _hook(self, mod, args, kwargs):
         cs = kwargs["current_start"]
@@ -397,11 +403,14 @@ class CallTracer:
                          timestep_dtype=str(t.dtype).replace("torch.", ""))
         self.calls.append(dict(self.call))
         self._k += 1
+        self.in_call = True
 
     def draw_label(self) -> dict:
         c = self.call
         if c is None:
             return dict(label="initial", chunk=None, after_call=None)
+        if self.in_call:   # drawn inside a model call (e.g. Dummy Forcing's sampled query rows)
+            return dict(label=f"chunk{c['chunk']}/during_{c['call']}", chunk=c["chunk"], during_call=c["call"])
         return dict(label=f"chunk{c['chunk']}/after_{c['call']}", chunk=c["chunk"], after_call=c["call"])
 
     def call_label(self) -> dict:
@@ -500,3 +509,22 @@ def identify_rows(rows: torch.Tensor, bank: dict[int, torch.Tensor]) -> list[int
         hit = (stack == r).all(dim=1).nonzero()
         out.append(ids[int(hit[0])] if hit.numel() else None)
     return out
+
+
+DRAW_TENSOR_NAMES = {"torch.randn_like": "renoise", "torch.randint": "sampled_rows", "torch.randn": "randn"}
+
+
+def pack_draws(rec: DrawRecorder) -> dict[str, torch.Tensor]:
+    """Stack the recorded draws per kind (``renoise``, ``sampled_rows``, ...) and note in each ``rec.meta`` entry
+    which tensor and row holds it (``tensor``, ``row``). Draws of one kind must share a shape."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for m, d in zip(rec.meta, rec.draws):
+        name = DRAW_TENSOR_NAMES.get(m["func"], m["func"].replace("torch.", ""))
+        groups.setdefault(name, []).append(d)
+        m["tensor"], m["row"] = name, len(groups[name]) - 1
+    return {k: torch.stack(v).contiguous() for k, v in groups.items()}
+
+
+def unpack_draws(tensors: dict[str, torch.Tensor], draw_order: list[dict]) -> list[torch.Tensor]:
+    """Inverse of ``pack_draws``: the draws in call order, for ``DrawRecorder(replay=...)``."""
+    return [tensors[m["tensor"]][m["row"]] for m in draw_order]
