@@ -528,3 +528,37 @@ def pack_draws(rec: DrawRecorder) -> dict[str, torch.Tensor]:
 def unpack_draws(tensors: dict[str, torch.Tensor], draw_order: list[dict]) -> list[torch.Tensor]:
     """Inverse of ``pack_draws``: the draws in call order, for ``DrawRecorder(replay=...)``."""
     return [tensors[m["tensor"]][m["row"]] for m in draw_order]
+
+
+class Rescaled1560(torch.Tensor):
+    """A cache tensor whose slice bounds that are non-zero multiples of 1560 (tokens per frame at 480x832) are
+    rescaled to multiples of ``frame_tokens``. Only for reference code that hard-codes token offsets inside a nested
+    function the driver cannot replace (Infinity-RoPE's ``kv_flush``). Every other bound (the tiny model's own
+    offsets, all < 1560) passes unchanged; operations return plain tensors. Each rescaling is logged."""
+
+    frame_tokens = 1560
+    log: list = []
+
+    @classmethod
+    def _map(cls, idx):
+        def m(v):
+            if isinstance(v, int) and v != 0 and v % 1560 == 0:
+                nv = (v // 1560) * cls.frame_tokens
+                cls.log.append((v, nv))
+                return nv
+            return v
+
+        def ms(s):
+            return slice(m(s.start), m(s.stop), s.step) if isinstance(s, slice) else s
+        return tuple(ms(s) for s in idx) if isinstance(idx, tuple) else ms(idx)
+
+    def __getitem__(self, idx):
+        return super().__getitem__(self._map(idx))
+
+    def __setitem__(self, idx, value):
+        return super().__setitem__(self._map(idx), value)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
