@@ -170,33 +170,10 @@ def main(argv=None):
                         "conditioning tensor, VAE decode returns a dummy (latents are the output)"))
 
     # ---- tracing -------------------------------------------------------------------------------------------------
-    chunk_tokens = FRAMES_PER_CHUNK * F_
-    state = dict(call=None, layer=None, chunk=-1, k=0)
-    calls: list[dict] = []
-
-    def gen_pre_hook(mod, a, kw):
-        cs = kw["current_start"]
-        chunk = cs // chunk_tokens
-        if chunk != state["chunk"]:
-            state["chunk"], state["k"] = chunk, 0
-        t = kw["timestep"]
-        name = ["D1", "D2", "D3", "D4", "CTX"][state["k"]] if state["k"] < 5 else f"call{state['k']}"
-        state["call"] = dict(chunk=chunk, start_frame=cs // F_, call=name, timestep=float(t.flatten()[0]),
-                             timestep_dtype=str(t.dtype).replace("torch.", ""))
-        calls.append(dict(state["call"]))
-        state["k"] += 1
-
-    generator.register_forward_pre_hook(gen_pre_hook, with_kwargs=True)
-
-    def label():
-        c = state["call"]
-        return dict(label="initial" if c is None else f"chunk{c['chunk']}/after_{c['call']}",
-                    chunk=None if c is None else c["chunk"], after_call=None if c is None else c["call"])
-
-    def call_label():
-        c = state["call"]
-        return dict(label=f"chunk{c['chunk']}/{c['call']}", chunk=c["chunk"], call=c["call"],
-                    start_frame=c["start_frame"])
+    tr = C.CallTracer(F_, FRAMES_PER_CHUNK)
+    tr.attach(generator)
+    state = dict(layer=None)
+    label, call_label = tr.draw_label, tr.call_label
 
     events: list[dict] = []      # one per (compression call, layer)
     rotations: list[dict] = []   # every _rope_time_delta_mul_ call
@@ -287,8 +264,9 @@ def main(argv=None):
     replay = None
     if args.replay:
         from safetensors.torch import load_file
-        t = load_file(os.path.join(args.replay, "tensors.safetensors"))
-        replay = list(t["renoise"].unbind(0))
+        import json
+        order = json.load(open(os.path.join(args.replay, "golden.json")))["draw_order"]
+        replay = C.unpack_draws(load_file(os.path.join(args.replay, "tensors.safetensors")), order)
 
     weights = C.state_dict_exact(model, torch.bfloat16)
     torch.manual_seed(args.global_seed)
@@ -297,6 +275,8 @@ def main(argv=None):
 
     latents = latents.detach().clone()
     summary = C.tensor_summary(latents)
+    draws = C.pack_draws(rec)
+    calls = tr.calls
     n_comp = sorted({e["chunk"] for e in events})
     deltas = [(r["label"], r["layer"], r["delta"]) for r in rotations]
     print(f"[deep_forcing] reference {REFERENCE['repo']}@{commit}")
@@ -362,7 +342,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         save_file(weights, os.path.join(args.out, "weights.safetensors"))
         save_file({"noise_initial": noise.contiguous(), "conditioning": cond.contiguous(),
-                   "renoise": torch.stack(rec.draws).contiguous(), "latents": latents.contiguous()},
+                   **draws, "latents": latents.contiguous()},
                   os.path.join(args.out, "tensors.safetensors"))
         C.dump_json(meta, os.path.join(args.out, "golden.json"))
         C.dump_json_lines(decisions, os.path.join(args.out, "decisions.json"))

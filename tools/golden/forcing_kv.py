@@ -282,7 +282,8 @@ def main(argv=None):
     replay = None
     if args.replay:
         from safetensors.torch import load_file
-        replay = list(load_file(os.path.join(args.replay, "tensors.safetensors"))["renoise"].unbind(0))
+        order = json.load(open(os.path.join(args.replay, "golden.json")))["draw_order"]
+        replay = C.unpack_draws(load_file(os.path.join(args.replay, "tensors.safetensors")), order)
 
     weights = C.state_dict_exact(model, torch.bfloat16)
     torch.manual_seed(args.global_seed)
@@ -291,6 +292,7 @@ def main(argv=None):
                                     low_memory=False, num_output_frames=n_frames)
     latents = latents.detach().clone()
     summary = C.tensor_summary(latents)
+    draws = C.pack_draws(rec)
     switch_at = [r["chunk"] for r in layouts if r["switched"] and r["layer"] == 1][:1]
     print(f"[forcing_kv] reference {REFERENCE['repo']}@{commit}")
     print(f"[forcing_kv] chunks={args.chunks} calls={len(tr.calls)} draws={len(rec.draws)} latents {summary}")
@@ -352,7 +354,7 @@ def main(argv=None):
         from safetensors.torch import save_file
         save_file(weights, os.path.join(args.out, "weights.safetensors"))
         save_file({"noise_initial": noise.contiguous(), "conditioning": cond.contiguous(),
-                   "renoise": torch.stack(rec.draws).contiguous(), "latents": latents.contiguous()},
+                   **draws, "latents": latents.contiguous()},
                   os.path.join(args.out, "tensors.safetensors"))
         C.dump_json(meta, os.path.join(args.out, "golden.json"))
         C.dump_json_lines(decisions, os.path.join(args.out, "decisions.json"))
