@@ -23,6 +23,7 @@ from typing import Any
 from cachepolicy.engine import PromptSwitch, RolloutConfig, RolloutResult, Session
 from cachepolicy.errors import CachePolicyError, UnknownNameError
 from cachepolicy.models import ModelAdapter, ModelEntry, Sampler
+from cachepolicy.noise import NoiseSource
 from cachepolicy.outputs import (
     LATENTS_FILE,
     RUN_FILE,
@@ -87,17 +88,20 @@ def _raise_if_failed_plugin(name: str) -> None:
 def rollout(model: ModelAdapter, policies: Sequence[Policy], *, num_chunks: int, prompts: Sequence[str],
             seeds: Sequence[int], sampler: Sampler | None = None, progress: bool = False,
             on_chunk: Callable[[dict[str, Any]], None] | None = None, recipe: str | Recipe | None = None,
-            prompt_switches: Sequence[PromptSwitch] = ()) -> RolloutResult:
+            prompt_switches: Sequence[PromptSwitch] = (), noise: NoiseSource | None = None,
+            trace_residency: bool = False) -> RolloutResult:
     """Generate ``num_chunks`` chunks for a batch of ``len(prompts)`` samples (one seed each).
 
     ``recipe`` (a name from :data:`cachepolicy.recipes.RECIPES` or a :class:`Recipe`) selects a system's
     loop; its policies are composed in front of ``policies`` unless one of the same name is given.
-    ``prompt_switches`` change the prompts from a chunk on (LongLive's recipe re-caches there).
+    ``prompt_switches`` change the prompts from a chunk on (LongLive's recipe re-caches there). ``noise`` and
+    ``trace_residency`` as in :class:`~cachepolicy.engine.RolloutConfig`.
     """
     chosen = get_recipe(recipe) if recipe is not None else None
     policies = _with_recipe_policies(chosen, list(policies))
     config = RolloutConfig(num_chunks=num_chunks, prompts=tuple(prompts), seeds=tuple(seeds), sampler=sampler,
-                           recipe=chosen, prompt_switches=tuple(prompt_switches))
+                           recipe=chosen, prompt_switches=tuple(prompt_switches), noise=noise,
+                           trace_residency=trace_residency)
     return Session(model, policies, config, on_chunk=on_chunk, progress=progress).run()
 
 
@@ -135,7 +139,7 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
                model_options: dict[str, Any] | None = None, force: bool = False,
                progress: bool = False, recipe: str | Recipe | None = None,
                prompt_switches: Sequence[PromptSwitch] = (), video_columns: int | None = None,
-               trace_residency: bool = False) -> dict[str, Any]:
+               trace_residency: bool = False, noise: NoiseSource | None = None) -> dict[str, Any]:
     """One rollout written to ``out`` (``run.json``, ``trace.jsonl``, ``latents.safetensors``, and
     ``video.mp4`` / ``video.gif`` of the decoded frames when the model has a decoder).
 
@@ -165,7 +169,7 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
         raise CachePolicyError(f"{len(prompts)} prompts for a batch of {batch}: give one prompt or one per sample")
     seeds = [seed + b for b in range(batch)]
     config = RolloutConfig(num_chunks=num_chunks, prompts=tuple(prompts), seeds=tuple(seeds), recipe=chosen,
-                           prompt_switches=tuple(prompt_switches), trace_residency=trace_residency)
+                           prompt_switches=tuple(prompt_switches), trace_residency=trace_residency, noise=noise)
     adapter = load_model(model, **(model_options or {})) if isinstance(model, str) else model
     session = Session(adapter, built, config, progress=progress)
     session.check()  # fail before anything is written
@@ -186,6 +190,7 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
         "frames_per_chunk": info.frames_per_chunk,
         "sampler": session.sampler.to_json(),
         "recipe": None if chosen is None else chosen.to_json(),
+        "noise": "seeded" if noise is None else repr(noise),
         "prompt_switches": [{"chunk": s.chunk, "prompts": list(s.prompts)} for s in prompt_switches],
         "versions": _versions(),
         "package_version": _versions()["cachepolicy"],

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--switch", action="append", default=[], type=_parse_switch, metavar="CHUNK:PROMPT",
                      help="from chunk CHUNK on, follow PROMPT (repeat for several switches; LongLive's recipe "
                           "re-caches the recent frames under the new prompt)")
+    run.add_argument("--noise", default="seeded", choices=["seeded", "official"],
+                     help="seeded: one generator per (sample seed, chunk, use), the default; official: the recipe's "
+                          "official script's draws from one generator seeded with --seed (needs --recipe)")
     run.add_argument("--trace-residency", action="store_true",
                      help="record the resident tokens after every chunk in trace.jsonl (field 'residency')")
     run.add_argument("--force", action="store_true", help="replace a run already in --out")
@@ -258,15 +261,20 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from cachepolicy.api import run_to_dir
+    from cachepolicy.errors import CachePolicyError
     from cachepolicy.recipes import get_recipe
 
     recipe = get_recipe(args.recipe) if args.recipe else None
+    if args.noise == "official" and (recipe is None or recipe.noise_order is None):
+        raise CachePolicyError("--noise official draws in the order of a system's official script: give its "
+                               "--recipe (self-forcing, longlive, rolling-forcing or causvid)")
     policies = args.policy or ([] if recipe is not None and recipe.policies else ["full"])
     paths = run_to_dir(args.model, policies, out=args.out, num_chunks=args.chunks, seed=args.seed,
                        batch=args.batch, prompts=args.prompt or None, model_options=_model_options(args),
                        force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
                        recipe=recipe, prompt_switches=args.switch, video_columns=args.columns,
-                       trace_residency=args.trace_residency)
+                       trace_residency=args.trace_residency,
+                       noise=recipe.official_noise(args.seed) if args.noise == "official" else None)
     logger.info("run finished")
     print(f"wrote {paths['latents']}")
     print(f"wrote {paths['trace']}")

@@ -58,7 +58,7 @@ from cachepolicy.hookspecs import PROJECT_NAME, RolloutSpecs
 from cachepolicy.layers import ForwardCall, LayerContext, LayerEdit, LayerRequest, RopePositions, describe
 from cachepolicy.loops import run_chunks
 from cachepolicy.models import ModelAdapter, ModelInfo, Sampler
-from cachepolicy.noise import NoiseSource, NoiseSpec, NoiseStream, SeededNoise
+from cachepolicy.noise import NoiseSource, NoiseSpec, NoiseStream, OfficialNoise, SeededNoise
 from cachepolicy.policy import Policy, PruneRequest, Resolution, Selection, cache_bound_frames, check_unique, compose
 from cachepolicy.recipes import Recipe
 from cachepolicy.rolling import run_rolling
@@ -310,6 +310,9 @@ class Session:
                 )
             num_frames = self.recipe.max_rope_frames(num_frames)
         self.adapter.check_rollout(num_frames, self.batch_size)
+        if isinstance(self.config.noise, OfficialNoise) and self.sampler.context_noise > 0:
+            raise RolloutConfigError(f"the {self.config.noise.order} script's noise has no context-pass draws: a "
+                                     f"sampler with context_noise={self.sampler.context_noise:g} needs seeded noise")
         if self._encoded is None:
             encoded = {-1: self.adapter.encode_prompts(list(self.config.prompts))}
             for switch in self.config.prompt_switches:
@@ -342,7 +345,8 @@ class Session:
         model = self.model
         shape = (model.latent_channels, model.frames_per_chunk, model.latent_height, model.latent_width)
         source = self.config.noise or SeededNoise()
-        self.noise = source.stream(NoiseSpec(self.config.seeds, shape, self.cache.device, self.cache.dtype))
+        self.noise = source.stream(NoiseSpec(self.config.seeds, shape, self.cache.device, self.cache.dtype,
+                                             self.config.num_chunks, len(self.sampler.sigmas())))
         call_each(self.pm, "cachepolicy_session_start", session=self)
         try:
             if self.recipe is not None and self.recipe.rolling is not None:

@@ -10,6 +10,25 @@ the chunk. Rolling Forcing's window draws the uses of block ``b`` as chunk ``b``
   runs with different policies stay comparable seed for seed, and a batched run equals each sample alone.
 * :class:`RecordedNoise`: tensors given by the caller, e.g. the draws recorded from a reference
   implementation, so a test feeds them without monkeypatching.
+* :class:`OfficialNoise`: one generator seeded once, drawn in the order, shapes and layout of a system's
+  official inference script (each recipe names its own: ``Recipe.official_noise``), so that with a real
+  checkpoint the same seed on the same device and dtype gives that script's noise. The whole batch draws from
+  one stream, as the scripts do: sample ``b`` depends on the batch, and restarts still reuse their draws.
+
+The official orders (read from the scripts; docs "Recipes" gives file and line):
+
+``self-forcing`` (Self Forcing, LongLive)
+    ``randn([B, T, C, H, W])`` for all ``T`` frames first; chunk ``c`` starts from frames ``3c .. 3c+2`` of it;
+    after each denoising step but the last, ``randn([B * F, C, H, W])`` (rows sample-major, then frame).
+``rolling-forcing``
+    the same initial draw; after a window call, for each of its blocks but the final one (ascending), one
+    draw of the whole window ``randn([B * n, C, H, W])`` (``n`` its frames), of which the block uses its slice.
+``causvid``
+    per rollout of ``rollout_frames`` frames, ``randn([B, rollout_frames, C, H, W])`` (a later rollout's first
+    chunk is the carried overlap and leaves its slice unused); after each step but the last,
+    ``randn([B * F, C, H, W])``. CausVid's script sets no seed: its CUDA generator starts at PyTorch's default
+    seed ``67280421310721``.
+None of them draws for the context pass (context noise 0).
 """
 
 from __future__ import annotations
@@ -36,12 +55,14 @@ def noise_seed(seed: int, chunk: int, use: int) -> int:
 @attrs.frozen(eq=False)
 class NoiseSpec:
     """What a rollout's noise looks like: one ``shape`` ``[C, F, H, W]`` draw per sample (``seeds``), returned
-    as ``[B, C, F, H, W]`` on ``device`` in ``dtype``."""
+    as ``[B, C, F, H, W]`` on ``device`` in ``dtype``; ``num_chunks`` chunks of ``num_steps`` denoising steps."""
 
     seeds: tuple[int, ...]
     shape: tuple[int, int, int, int]
     device: Any
     dtype: Any
+    num_chunks: int = 1
+    num_steps: int = 1
 
 
 class NoiseStream(abc.ABC):
@@ -121,3 +142,79 @@ class _RecordedStream(NoiseStream):
             raise ParameterError(f"recorded noise for chunk {chunk}, use {use} has shape {tuple(tensor.shape)}; "
                                  f"expected {[batch, *spec.shape]} or {list(spec.shape)}")
         return tensor.to(device=spec.device, dtype=spec.dtype)
+
+
+#: the official draw orders :class:`OfficialNoise` knows (see the module docstring)
+OFFICIAL_ORDERS = ("self-forcing", "rolling-forcing", "causvid")
+
+
+@attrs.frozen
+class OfficialNoise(NoiseSource):
+    """A system's official draw order from one generator seeded with ``seed`` (None: the rollout's first seed).
+
+    Attributes:
+        order: one of :data:`OFFICIAL_ORDERS`.
+        seed: the generator's seed (the official script's ``--seed``).
+        rollout_frames, overlap_frames: CausVid's rollout geometry (``causvid`` only).
+    """
+
+    order: str = attrs.field()
+    seed: int | None = None
+    rollout_frames: int = 21
+    overlap_frames: int = 3
+
+    @order.validator
+    def _check_order(self, attribute: attrs.Attribute, value: str) -> None:
+        if value not in OFFICIAL_ORDERS:
+            raise ParameterError(f"official noise order {value!r} is not known; choose one of "
+                                 f"{', '.join(OFFICIAL_ORDERS)}")
+
+    def stream(self, spec: NoiseSpec) -> NoiseStream:
+        return _OfficialStream(self, spec)
+
+
+class _OfficialStream(NoiseStream):
+    def __init__(self, source: OfficialNoise, spec: NoiseSpec) -> None:
+        import torch
+
+        self.source = source
+        self.spec = spec
+        seed = spec.seeds[0] if source.seed is None else source.seed
+        self.generator = torch.Generator(spec.device).manual_seed(seed)
+        self.initial: dict[int, Any] = {}  # per rollout (one, except CausVid's restarts)
+
+    def _randn(self, *shape: int) -> torch.Tensor:
+        import torch
+
+        return torch.randn(shape, generator=self.generator, device=self.spec.device, dtype=self.spec.dtype)
+
+    def _frames(self, noise: torch.Tensor, start: int, frames: int) -> torch.Tensor:
+        """``[B, T, C, H, W]`` frames ``start ..`` as ``[B, C, F, H, W]``."""
+        return noise[:, start:start + frames].permute(0, 2, 1, 3, 4)
+
+    def draw(self, chunk: int, use: int) -> torch.Tensor:
+        spec, source = self.spec, self.source
+        channels, frames, height, width = spec.shape
+        batch = len(spec.seeds)
+        if use >= spec.num_steps:
+            raise ParameterError(f"the {source.order} script draws no context-pass noise (its context noise is 0)")
+        if use == 0:
+            rollout, block, total = 0, chunk, spec.num_chunks * frames
+            if source.order == "causvid":
+                first = source.rollout_frames // frames
+                per = (source.rollout_frames - source.overlap_frames) // frames
+                rollout = 0 if chunk < first else 1 + (chunk - first) // per
+                block = chunk if rollout == 0 else 1 + (chunk - first) % per
+                total = source.rollout_frames
+            if rollout not in self.initial:
+                self.initial[rollout] = self._randn(batch, total, channels, height, width)
+            return self._frames(self.initial[rollout], block * frames, frames)
+        if source.order == "rolling-forcing":  # drawn in window chunk + use - 1, shaped like the whole window
+            window = chunk + use - 1
+            first = max(0, window - spec.num_steps + 1)
+            last = min(spec.num_chunks - 1, window)
+            size = frames * (last - first + 1)
+            noise = self._randn(batch * size, channels, height, width).view(batch, size, channels, height, width)
+            return self._frames(noise, (chunk - first) * frames, frames)
+        noise = self._randn(batch * frames, channels, height, width).view(batch, frames, channels, height, width)
+        return self._frames(noise, 0, frames)

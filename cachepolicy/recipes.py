@@ -45,6 +45,7 @@ import attrs
 
 from cachepolicy.errors import ParameterError, RolloutConfigError, UnknownNameError
 from cachepolicy.models import Sampler
+from cachepolicy.noise import NoiseSource, OfficialNoise
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -192,6 +193,8 @@ class Recipe:
         restart: long-video restarts (CausVid), or None.
         rolling: Rolling Forcing's joint rolling window, or None (the engine's per-chunk loop).
         rope_mode: the cache's RoPE mode, ``"absolute"`` or ``"raw"`` (keys rotated on read).
+        noise_order: the draw order of the system's official script (:class:`~cachepolicy.noise.OfficialNoise`),
+            or None.
     """
 
     name: str
@@ -203,6 +206,7 @@ class Recipe:
     restart: Restart | None = None
     rolling: Rolling | None = None
     rope_mode: str = "absolute"
+    noise_order: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.recache is not None and self.restart is not None:
@@ -215,6 +219,17 @@ class Recipe:
         if self.rolling is not None and self.rope_mode != "raw":
             raise ParameterError(f"recipe {self.name!r}: a rolling window re-rotates its anchor and needs "
                                  f"rope_mode='raw'")
+
+    def official_noise(self, seed: int | None = None) -> NoiseSource:
+        """The noise of the system's official script from one generator seeded with ``seed`` (None: the
+        rollout's first seed): ``RolloutConfig(noise=recipe.official_noise())``."""
+        if self.noise_order is None:
+            raise ParameterError(f"recipe {self.name!r} names no official noise order")
+        restart = self.restart
+        if restart is None:
+            return OfficialNoise(self.noise_order, seed)
+        return OfficialNoise(self.noise_order, seed, rollout_frames=restart.rollout_frames,
+                             overlap_frames=restart.overlap_frames)
 
     def max_rope_frames(self, num_frames: int) -> int:
         """The largest RoPE frame position + 1 that a rollout of ``num_frames`` latent frames uses."""
@@ -232,6 +247,7 @@ class Recipe:
             "restart": None if self.restart is None else attrs.asdict(self.restart),
             "rolling": None if self.rolling is None else attrs.asdict(self.rolling),
             "rope_mode": self.rope_mode,
+            "noise_order": self.noise_order,
         }
 
 
@@ -244,6 +260,7 @@ RECIPES: dict[str, Recipe] = {
             source="guandeh17/Self-Forcing@33593df configs/self_forcing_dmd.yaml, pipeline/causal_inference.py",
             sampler=Sampler(denoising_steps=(1000, 750, 500, 250), shift=5.0, warp=True, table=True,
                             context_noise=0.0),
+            noise_order="self-forcing",
         ),
         Recipe(
             name="causvid",
@@ -252,6 +269,7 @@ RECIPES: dict[str, Recipe] = {
                    "minimal_inference/longvideo_autoregressive_inference.py",
             sampler=Sampler(denoising_steps=(1000, 757, 522), shift=8.0, warp=False, table=True, context_noise=0.0),
             restart=Restart(rollout_frames=21, overlap_frames=3),
+            noise_order="causvid",
         ),
         Recipe(
             name="longlive",
@@ -261,6 +279,7 @@ RECIPES: dict[str, Recipe] = {
                             context_noise=0.0),
             policies=("attention-sink:frames=3", "sliding-window:frames=6"),
             recache=Recache(window_frames=12, sink_frames=3),
+            noise_order="self-forcing",
         ),
         Recipe(
             name="rolling-forcing",
@@ -273,6 +292,7 @@ RECIPES: dict[str, Recipe] = {
             policies=("attention-sink:frames=3", "sliding-window:frames=18"),
             rolling=Rolling(anchor_frames=3, max_attention_frames=21),
             rope_mode="raw",
+            noise_order="rolling-forcing",
         ),
     )
 }

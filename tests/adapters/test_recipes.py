@@ -118,15 +118,41 @@ def chunk_noise(seeds, chunk, use, shape):
     return torch.stack(draws)
 
 
-def denoise_chunk(run, chunk, frame_start, cond, seeds, timesteps, sigmas, shape, rope_frame=None):
-    """Self Forcing's per-block loop: denoise, x0 in float64, fresh re-noising, then the clean context pass."""
-    x = chunk_noise(seeds, chunk, 0, shape)
+class OfficialDraws:
+    """The official scripts' draws (Self Forcing ``inference.py`` / ``pipeline/causal_inference.py``, CausVid's
+    ``longvideo_autoregressive_inference.py``): one generator; ``randn([B, T, C, H, W])`` for a rollout's
+    ``T`` frames before anything else, then after each denoising step but the last
+    ``randn_like(x0.flatten(0, 1))`` (``[B * F, C, H, W]``, sample-major)."""
+
+    def __init__(self, seed, batch, shape):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batch, self.shape = batch, shape
+
+    def rollout(self, frames):
+        channels, _, height, width = self.shape
+        self.initial = torch.randn([self.batch, frames, channels, height, width], generator=self.generator)
+
+    def initial_frames(self, start):
+        return self.initial[:, start:start + self.shape[1]].permute(0, 2, 1, 3, 4)
+
+    def step(self):
+        channels, frames, height, width = self.shape
+        noise = torch.randn([self.batch * frames, channels, height, width], generator=self.generator)
+        return noise.view(self.batch, frames, channels, height, width).permute(0, 2, 1, 3, 4)
+
+
+def denoise_chunk(run, chunk, frame_start, cond, seeds, timesteps, sigmas, shape, rope_frame=None, official=None,
+                  initial_frame=None):
+    """Self Forcing's per-block loop: denoise, x0 in float64, fresh re-noising, then the clean context pass.
+    Noise: the engine's seeded draws, or ``official`` (:class:`OfficialDraws`, block at ``initial_frame``)."""
+    x = chunk_noise(seeds, chunk, 0, shape) if official is None else official.initial_frames(initial_frame)
     for i, (t, sigma) in enumerate(zip(timesteps, sigmas)):
         v = run.forward(x, t, frame_start, cond, rope_frame)
         x0 = (x.double() - sigma * v.double()).float()
         if i + 1 < len(sigmas):
             nxt = sigmas[i + 1]
-            x = (1 - nxt) * x0 + nxt * chunk_noise(seeds, chunk, i + 1, shape)
+            eps = chunk_noise(seeds, chunk, i + 1, shape) if official is None else official.step()
+            x = (1 - nxt) * x0 + nxt * eps
     run.forward(x0, 0.0, frame_start, cond, rope_frame)
     return x0
 
@@ -135,11 +161,11 @@ def make_adapter():
     return load_tiny_wan(seed=3)
 
 
-def engine_latents(adapter, recipe, num_chunks, prompts, seeds, user_policies=(), switches=()):
+def engine_latents(adapter, recipe, num_chunks, prompts, seeds, user_policies=(), switches=(), noise=None):
     specs = merge_policy_specs(recipe, list(user_policies))
     policies = build_policies(*specs) if specs else []
     config = RolloutConfig(num_chunks=num_chunks, prompts=prompts, seeds=seeds, recipe=recipe,
-                           prompt_switches=switches)
+                           prompt_switches=switches, noise=noise)
     session = Session(adapter, policies, config)
     return session.run(), session
 
@@ -158,19 +184,33 @@ PROMPTS = ("a red fox runs", "a blue bird flies")
 SEEDS = (11, 12)
 
 
-def test_self_forcing_recipe_equals_the_original_loop_global_and_windowed():
+@pytest.mark.parametrize("official", [False, True])
+def test_self_forcing_recipe_equals_the_original_loop_global_and_windowed(official):
+    """With the engine's seeded noise, and with the official script's draws from one seeded generator
+    (``recipe.official_noise()``: one ``[B, T, C, H, W]`` draw, then ``[B * F, C, H, W]`` per step)."""
     recipe = get_recipe("self-forcing")
     for window, sink, policies in ((-1, 0, ()), (9, 3, ("attention-sink:frames=3+sliding-window:frames=3",))):
         num_chunks = 6
         adapter, run, shape = _setup(num_chunks, "self-forcing", window_frames=window, sink_frames=sink)
         cond = adapter.encode_prompts(list(PROMPTS))
         frames = adapter.info.frames_per_chunk
+        draws = None
+        if official:
+            draws = OfficialDraws(SEEDS[0], len(SEEDS), shape)
+            draws.rollout(num_chunks * frames)
         expected = [denoise_chunk(run, c, c * frames, cond, SEEDS, TIMESTEPS["self-forcing"],
-                                  SIGMAS["self-forcing"], shape)
+                                  SIGMAS["self-forcing"], shape, official=draws, initial_frame=c * frames)
                     for c in range(num_chunks)]
-        result, _ = engine_latents(adapter, recipe, num_chunks, PROMPTS, SEEDS, policies)
+        noise = recipe.official_noise() if official else None
+        result, _ = engine_latents(adapter, recipe, num_chunks, PROMPTS, SEEDS, policies, noise=noise)
         diff = (result.latents - torch.cat(expected, dim=2)).abs().max().item()
         assert diff <= TOL, (window, sink, diff)
+    if official:  # the stream is not the seeded one, and a batch draws together
+        seeded, _ = engine_latents(make_adapter(), recipe, 2, PROMPTS, SEEDS)
+        alone, _ = engine_latents(make_adapter(), recipe, 2, PROMPTS[1:], SEEDS[1:], noise=recipe.official_noise())
+        joint, _ = engine_latents(make_adapter(), recipe, 2, PROMPTS, SEEDS, noise=recipe.official_noise())
+        assert (seeded.latents - joint.latents).abs().max().item() > 1e-2
+        assert (alone.latents[0] - joint.latents[1]).abs().max().item() > 1e-2
 
 
 def test_longlive_recipe_equals_the_original_loop_with_prompt_switches():
@@ -205,27 +245,34 @@ def test_longlive_recipe_equals_the_original_loop_with_prompt_switches():
     assert (plain.latents[:, :, 6:] - result.latents[:, :, 6:]).abs().max().item() > 1e-3
 
 
-def test_causvid_recipe_equals_the_original_long_video_loop():
+@pytest.mark.parametrize("official", [False, True])
+def test_causvid_recipe_equals_the_original_long_video_loop(official):
     """Rollouts of 21 frames (7 chunks); each later rollout starts from the last 3 frames at position 0
-    and adds 6 chunks: 14 chunks = rollout 0 (chunks 0-6), 1 (7-12), 2 (13)."""
+    and adds 6 chunks: 14 chunks = rollout 0 (chunks 0-6), 1 (7-12), 2 (13). With the engine's seeded
+    noise, and with the official draws (a ``[B, 21, C, H, W]`` draw per rollout, its first 3 frames unused
+    after the first rollout; ``[B * 3, C, H, W]`` per step)."""
     recipe = get_recipe("causvid")
     num_chunks = 14
     adapter, run, shape = _setup(num_chunks, "causvid")
     frames = adapter.info.frames_per_chunk
     cond = adapter.encode_prompts(list(PROMPTS))
+    draws = OfficialDraws(SEEDS[0], len(SEEDS), shape) if official else None
     output = []
     chunk = 0
     block = 0  # block index inside the current rollout
     while chunk < num_chunks:
+        if chunk in (0, 7, 13) and draws is not None:
+            draws.rollout(21)
         if chunk in (7, 13):  # new rollout: start latents = last 3 frames, block 0 at timestep 0
             start_latents = torch.cat(output, dim=2)[:, :, -3:]
             run.forward(start_latents, 0.0, 0, cond)
             block = 1
         output.append(denoise_chunk(run, chunk, block * frames, cond, SEEDS, TIMESTEPS["causvid"],
-                                    SIGMAS["causvid"], shape))
+                                    SIGMAS["causvid"], shape, official=draws, initial_frame=block * frames))
         chunk += 1
         block += 1
-    result, _ = engine_latents(adapter, recipe, num_chunks, PROMPTS, SEEDS)
+    noise = recipe.official_noise() if official else None
+    result, _ = engine_latents(adapter, recipe, num_chunks, PROMPTS, SEEDS, noise=noise)
     diff = (result.latents - torch.cat(output, dim=2)).abs().max().item()
     assert diff <= TOL, diff
     restarts = {r["chunk"]: r.get("restart_overlap_frames") for r in result.trace}

@@ -223,10 +223,32 @@ def block_noise(block, use, shape):
     return torch.stack(draws)
 
 
-def original_rolling_forcing(run, num_blocks, cond, timesteps, sigmas, shape):
-    """``inference`` of ``rolling_forcing_inference.py``: windows, re-noising, a context pass per window."""
+def original_rolling_forcing(run, num_blocks, cond, timesteps, sigmas, shape, official_seed=None):
+    """``inference`` of ``rolling_forcing_inference.py``: windows, re-noising, a context pass per window.
+
+    Noise: the engine's seeded draws, or (``official_seed``) the script's: one generator, ``randn([B, T, C, H,
+    W])`` for every frame first, then per window and per block but the final one a ``randn_like`` of the whole
+    window's x0, of which the block takes its frames."""
     W, nf = len(timesteps), 3
     batch = len(SEEDS)
+    if official_seed is not None:
+        generator = torch.Generator().manual_seed(official_seed)
+        channels, _, height, width = shape
+        initial = torch.randn([batch, num_blocks * nf, channels, height, width], generator=generator)
+
+        def entering(block):
+            return initial[:, block * nf:(block + 1) * nf].permute(0, 2, 1, 3, 4)
+
+        def renoise(window_x0, j):
+            n = window_x0.shape[2]
+            flat = torch.randn([batch * n, channels, height, width], generator=generator)
+            return flat.view(batch, n, channels, height, width).permute(0, 2, 1, 3, 4)[:, :, j * nf:(j + 1) * nf]
+    else:
+        def entering(block):
+            return block_noise(block, 0, shape)
+
+        def renoise(window_x0, j):
+            return block_noise(start_block + j, step_of(ts[0, j * nf]) + 1, shape)
 
     def step_of(t):  # the original's match: |denoising_step_list - t| < 1e-4
         return min(range(W), key=lambda i: abs(timesteps[i] - float(t)))
@@ -241,8 +263,7 @@ def original_rolling_forcing(run, num_blocks, cond, timesteps, sigmas, shape):
         start_frame, end_frame = start_block * nf, (end_block + 1) * nf
         n = end_frame - start_frame
         if n == W * nf or start_frame == 0:
-            x = torch.cat([noisy_cache[b] for b in range(start_block, end_block)]
-                          + [block_noise(end_block, 0, shape)], dim=2)
+            x = torch.cat([noisy_cache[b] for b in range(start_block, end_block)] + [entering(end_block)], dim=2)
         else:
             x = torch.cat([noisy_cache[b] for b in range(start_block, end_block + 1)], dim=2)
         if n == W * nf:
@@ -263,7 +284,7 @@ def original_rolling_forcing(run, num_blocks, cond, timesteps, sigmas, shape):
             if i == W - 1:
                 continue
             nxt = sigmas[i + 1]
-            noisy_cache[b] = (1 - nxt) * part + nxt * block_noise(b, i + 1, shape)
+            noisy_cache[b] = (1 - nxt) * part + nxt * renoise(x0, j)
         run.forward(x0[:, :, :nf], torch.zeros(batch, nf), start_frame, cond, updating_cache=True)
     return torch.cat([output[b] for b in range(num_blocks)], dim=2)
 
@@ -271,7 +292,8 @@ def original_rolling_forcing(run, num_blocks, cond, timesteps, sigmas, shape):
 NUM_BLOCKS = 11  # windows with first block >= 7 (context pass without the anchor) and the buffer roll
 
 
-def _reference(rerotate_anchor=True, timesteps=TIMESTEPS["rolling-forcing"], sigmas=SIGMAS["rolling-forcing"]):
+def _reference(rerotate_anchor=True, timesteps=TIMESTEPS["rolling-forcing"], sigmas=SIGMAS["rolling-forcing"],
+               official_seed=None):
     """The reimplementation, fed the timesteps and sigmas recorded from the official code (float32 table)."""
     adapter = load_tiny_wan(seed=3)
     info = adapter.info
@@ -280,13 +302,13 @@ def _reference(rerotate_anchor=True, timesteps=TIMESTEPS["rolling-forcing"], sig
     run = RollingRun(reference, 2, info.tokens_per_frame, NUM_BLOCKS * 3 + 3,
                      (info.latent_height, info.latent_width), rerotate_anchor)
     cond = adapter.encode_prompts(list(PROMPTS))
-    return original_rolling_forcing(run, NUM_BLOCKS, cond, timesteps, sigmas, shape)
+    return original_rolling_forcing(run, NUM_BLOCKS, cond, timesteps, sigmas, shape, official_seed)
 
 
-def _recipe_rollout(user_policies=()):
+def _recipe_rollout(user_policies=(), noise=None):
     recipe = get_recipe("rolling-forcing")
     specs = merge_policy_specs(recipe, list(user_policies))
-    config = RolloutConfig(num_chunks=NUM_BLOCKS, prompts=PROMPTS, seeds=SEEDS, recipe=recipe)
+    config = RolloutConfig(num_chunks=NUM_BLOCKS, prompts=PROMPTS, seeds=SEEDS, recipe=recipe, noise=noise)
     session = Session(load_tiny_wan(seed=3), build_policies(*specs), config)
     return session.run(), session
 
@@ -305,6 +327,14 @@ def test_rolling_forcing_sampler_and_defaults():
     # n_work: full window -> 1 block; 4 blocks -> 2; 1 block -> 5; never more than f - 1
     assert [recipe.rolling.working_blocks(f, k, 3) for f, k in ((9, 5), (9, 4), (9, 1), (1, 5), (2, 1))] == [
         1, 2, 5, 0, 1]
+
+
+def test_rolling_forcing_official_noise_equals_the_scripts_draws():
+    """``recipe.official_noise()``: the script's window-shaped draws from one generator, block by block."""
+    result, _ = _recipe_rollout(noise=get_recipe("rolling-forcing").official_noise(seed=5))
+    expected = _reference(official_seed=5)
+    assert (result.latents - expected).abs().max().item() <= TOL
+    assert (result.latents - _reference(official_seed=6)).abs().max().item() > 1e-2
 
 
 def test_rolling_forcing_recipe_equals_the_original_loop(recipe_result):

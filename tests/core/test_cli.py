@@ -36,6 +36,21 @@ def test_run_writes_latents_run_json_and_trace(tmp_path, capsys):
     assert "residency" not in trace[-1]
 
 
+def test_run_with_the_official_noise_of_a_recipe(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "tiny-wan", "--recipe", "self-forcing", "--noise", "official", "--seed", "3", "--chunks",
+                 "2", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["noise"] == "OfficialNoise(order='self-forcing', seed=3, rollout_frames=21, overlap_frames=3)"
+    from cachepolicy.api import load_model, rollout
+    from cachepolicy.recipes import get_recipe
+
+    recipe = get_recipe("self-forcing")
+    expected = rollout(load_model("tiny-wan"), [], num_chunks=2, prompts=["a video"], seeds=[3], recipe=recipe,
+                       noise=recipe.official_noise(3)).latents
+    assert torch.equal(load_file(out / "latents.safetensors")["latents"], expected)
+
+
 def test_run_traces_the_resident_tokens_on_request(tmp_path):
     out = tmp_path / "run"
     assert main(["run", "tiny-wan", "--policy", "attention-sink:frames=3+sliding-window:frames=3", "--chunks", "4",
@@ -54,6 +69,7 @@ def test_run_traces_the_resident_tokens_on_request(tmp_path):
     (["run", "tiny-wan", "--chunks", "2", "--dtype", "float8"], "dtype 'float8' is not supported"),
     (["run", "tiny-wan", "--chunks", "2", "--recipe", "causvit"], "unknown recipe 'causvit'. Did you mean 'causvid'"),
     (["run", "tiny-wan", "--chunks", "4", "--switch", "4:a dog"], "a prompt switch at chunk 4 does not exist"),
+    (["run", "tiny-wan", "--chunks", "2", "--noise", "official"], "--noise official .* give its --recipe"),
     (["run", "tiny-wan", "--chunks", "2", "--model-option", "sampler=fresh"],
      "sampler='fresh': 'fresh' is not a recipe (self-forcing, causvid, longlive, rolling-forcing)"),
     (["run", "tiny-wan", "--chunks", "2", "--model-option", "sampler=causvid,guidance=x"],
