@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -181,6 +181,9 @@ class ModelAdapter(abc.ABC):
     """What the engine needs from a model family. One adapter instance wraps one loaded model."""
 
     info: ModelInfo
+    #: a prompt this model can draw, used when a run names none (``cachepolicy run`` without ``--prompt``);
+    #: an adapter whose model only takes some prompts (the drift lab's grammar) sets one it takes
+    default_prompt: str = "a video"
 
     @abc.abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> Any:
@@ -319,10 +322,22 @@ class ModelEntry:
     summary: str = ""
     provides_ground_truth: bool = False
 
-    def load(self, **options: Any) -> ModelAdapter:
+    def loader_function(self) -> Any:
+        """The function :attr:`loader` names (imported now)."""
         module_name, _, attr = self.loader.partition(":")
         try:
-            function = getattr(importlib.import_module(module_name), attr)
+            return getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise PluginLoadError(f"cannot load model {self.name!r}: {self.loader!r} failed: {exc}") from exc
-        return function(**options)
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Check loader ``options`` before anything is loaded: names, simple types, numbers a tensor holds,
+        the device (see :func:`cachepolicy.validation.check_loader_options`)."""
+        from cachepolicy.validation import check_loader_options
+
+        check_loader_options(self.name, self.loader_function(), options)
+
+    def load(self, **options: Any) -> ModelAdapter:
+        """Check ``options`` (:meth:`check_options`), then call the loader with them."""
+        self.check_options(options)
+        return self.loader_function()(**options)

@@ -10,7 +10,9 @@ from typing import Any
 
 from cachepolicy.compare.config import CompareConfig, _to_models
 from cachepolicy.compare.loading import load_model_cached
+from cachepolicy.compare.parsing import MAX_JOBS
 from cachepolicy.errors import CachePolicyError, CompareConfigError
+from cachepolicy.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +23,10 @@ def validate(config: CompareConfig) -> None:
     from cachepolicy.registry import get_registry
 
     registry = get_registry()
-    if config.num_chunks < 1:
-        raise CompareConfigError(f"--chunks must be at least 1, got {config.num_chunks}")
+    try:
+        check_int(config.num_chunks, "--chunks", low=1)
+    except CachePolicyError as exc:
+        raise CompareConfigError(str(exc)) from None
     if not config.models:
         raise CompareConfigError("no models to compare; name one or more, e.g. 'tiny-wan tiny-skyreels'")
     for model in config.models:
@@ -35,13 +39,36 @@ def validate(config: CompareConfig) -> None:
             get_recipe(config.recipe)
         except CachePolicyError as exc:
             raise CompareConfigError(f"--recipe: {exc}") from exc
+    resolved: dict[str, int] = {}
     for index, spec in enumerate(config.policies, start=1):
         try:
-            build_policies(*recipe_specs(config.recipe, spec))
+            policies = build_policies(*recipe_specs(config.recipe, spec))
         except CachePolicyError as exc:
             raise CompareConfigError(
                 f"policy spec {index} of {len(config.policies)} ({spec!r}): {exc}"
             ) from exc
+        canonical = "+".join(sorted(p.spec for p in policies))
+        if canonical in resolved:
+            first = resolved[canonical]
+            raise CompareConfigError(
+                f"policy spec {index} of {len(config.policies)} ({spec!r}) is the same policy as spec {first} "
+                f"({config.policies[first - 1]!r}); list each policy once"
+            )
+        resolved[canonical] = index
+    jobs = len(config.models) * len(config.policies) * len(config.prompts) * len(config.seeds)
+    if jobs > MAX_JOBS:
+        raise CompareConfigError(f"the grid has {jobs} jobs ({len(config.models)} models x {len(config.policies)} "
+                                 f"policies x {len(config.prompts)} prompts x {len(config.seeds)} seeds); a "
+                                 f"comparison takes at most {MAX_JOBS}")
+    if not config.prompts or not config.seeds:
+        raise CompareConfigError("a comparison needs at least one prompt and one seed")
+    for seed in config.seeds:
+        check_int(seed, "seed", low=0)
+    for model in config.models:  # the loader's options, before any model is loaded
+        if model in registry.models:
+            registry.models[model].check_options(config.model_options)
+        elif "wan-diffusers" in registry.models:  # a diffusers folder
+            registry.models["wan-diffusers"].check_options({"path": model, **config.model_options})
     for name in config.metrics:
         metric_cls = registry.metric(name)
         metric = metric_cls(config.metric_options.get(name))

@@ -7,14 +7,21 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from cachepolicy.errors import CompareConfigError
+from cachepolicy.errors import CompareConfigError, ParameterError
+
+
+#: the most jobs one comparison takes (the driver holds its grid in memory, the report a panel per job)
+MAX_JOBS = 100_000
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
-    """``"0-7"``, ``"0,3,5"`` or ``"0-3,8"`` -> seeds, in order, without repeats."""
-    seeds: list[int] = []
+    """``"0-7"``, ``"0,3,5"`` or ``"0-3,8"`` -> seeds, in order, without repeats; each seed in
+    ``[0, 2**63)`` (what the noise generator takes), at most :data:`MAX_JOBS` of them."""
+    from cachepolicy.validation import INT64_MAX
+
     if not isinstance(text, str) or not text.strip():
         raise CompareConfigError(f"no seeds in {text!r}; write e.g. '0-7' or '0,3,5'")
+    ranges = []
     for part in text.split(","):
         part = part.strip()
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
@@ -24,8 +31,13 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         high = int(match.group(2)) if match.group(2) is not None else low
         if high < low:
             raise CompareConfigError(f"seed range {part!r} runs backwards; write {high}-{low}")
-        seeds.extend(s for s in range(low, high + 1) if s not in seeds)
-    return tuple(seeds)
+        if high > INT64_MAX:
+            raise CompareConfigError(f"seed {high} in {part!r} is too large: seeds are integers in [0, 2**63)")
+        ranges.append((low, high))
+    count = sum(high - low + 1 for low, high in ranges)
+    if count > MAX_JOBS:
+        raise CompareConfigError(f"seeds {text!r} name {count} seeds; a comparison takes at most {MAX_JOBS} jobs")
+    return tuple(dict.fromkeys(seed for low, high in ranges for seed in range(low, high + 1)))
 
 
 def read_prompts(text: str) -> tuple[str, ...]:
@@ -39,7 +51,13 @@ def read_prompts(text: str) -> tuple[str, ...]:
     path = Path(text)
     looks_like_path = text.endswith((".txt", ".jsonl", ".csv")) or os.sep in text
     if path.is_file():
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        from cachepolicy.validation import read_text_file
+
+        try:
+            content = read_text_file(path, "prompts file")
+        except ParameterError as exc:
+            raise CompareConfigError(str(exc)) from None
+        prompts = [line.strip() for line in content.splitlines()]
         prompts = [p for p in prompts if p and not p.startswith("#")]
         if not prompts:
             raise CompareConfigError(f"prompts file {path} holds no prompt (one per line; '#' starts a comment)")

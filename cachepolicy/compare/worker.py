@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from cachepolicy.compare.checks import recipe_specs
 from cachepolicy.compare.config import Job
 from cachepolicy.compare.loading import load_model_cached
+from cachepolicy.errors import CachePolicyError
+
+logger = logging.getLogger(__name__)
 
 
 def preview_frames(adapter: Any, latents: Any) -> tuple[Any, Any]:
@@ -37,16 +44,54 @@ def preview_frames(adapter: Any, latents: Any) -> tuple[Any, Any]:
 
 
 def run_job(payload: dict[str, Any]) -> dict[str, Any]:
-    """Run one job and write its artifacts; returns its results line. Top-level so executors can ship it."""
+    """Run one job and write its artifacts; returns its results line, a failed job's line (with its error)
+    when the job raises. Stops (``KeyboardInterrupt``) go through. Top-level so executors can ship it."""
+    job = Job(**payload["job"])
+    started = time.perf_counter()
+    try:
+        return _run_job(job, payload)
+    except Exception as exc:  # noqa: BLE001 - any failure of one job is recorded, the others still run
+        logger.debug("job %s failed", job.id, exc_info=True)
+        record: dict[str, Any] = {"job_id": job.id, "model": job.model, "policy": job.policy, "prompt": job.prompt,
+                                  "seed": job.seed, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                                  "seconds": time.perf_counter() - started}
+        for name in ("policy", "distribution"):  # a policy hook's failure names the policy to blame
+            if getattr(exc, name, None) is not None and isinstance(exc, CachePolicyError):
+                record[f"failed_{name}"] = getattr(exc, name)
+        return record
+
+
+def _write_job_folder(folder: Path, result: Any, preview: Any) -> None:
+    """Write a job's artifacts into a temporary folder beside ``folder``, then put it in its place."""
+    import io
+
     import numpy as np
 
+    from cachepolicy.outputs import atomic_write_bytes, save_latents
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    save_latents(tmp / "latents.safetensors", result.latents)
+    atomic_write_bytes(tmp / "trace.jsonl", "".join(json.dumps(r) + "\n" for r in result.trace).encode())
+    buffer = io.BytesIO()
+    np.save(buffer, preview)
+    atomic_write_bytes(tmp / "preview.npy", buffer.getvalue())
+    if folder.exists():  # an earlier attempt of this job (killed before its line, or failed)
+        old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+
+
+def _run_job(job: Job, payload: dict[str, Any]) -> dict[str, Any]:
     from cachepolicy.api import build_policies
     from cachepolicy.engine import RolloutConfig, Session
     from cachepolicy.metrics import JobData
-    from cachepolicy.outputs import save_latents
     from cachepolicy.registry import get_registry
 
-    job = Job(**payload["job"])
     adapter = load_model_cached(job.model, payload["model_options"], payload["load_token"])
     recipe_name = payload.get("recipe")
     policies = build_policies(*recipe_specs(recipe_name, job.policy))
@@ -63,13 +108,9 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     result = session.run()
     seconds = time.perf_counter() - started
 
-    folder = Path(payload["out"]) / "jobs" / job.id
-    folder.mkdir(parents=True, exist_ok=True)
-    save_latents(folder / "latents.safetensors", result.latents)
-    (folder / "trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.trace))
     latents = result.latents[0].float()
     decoded, preview = preview_frames(adapter, latents)
-    np.save(folder / "preview.npy", preview)
+    _write_job_folder(Path(payload["out"]) / "jobs" / job.id, result, preview)
 
     try:
         adapter.token_grid(latents[:, :1].unsqueeze(0))
@@ -96,11 +137,10 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         "policy_resolved": "+".join(p.spec for p in policies),
         "prompt": job.prompt,
         "seed": job.seed,
+        "status": "done",
         "metrics": metrics,
         "curves": curves,
         "preview_decoded": decoded is not None,
         "chunks": len(result.trace),
         "seconds": seconds,
     }
-
-

@@ -142,14 +142,18 @@ def test_sigkill_mid_run_then_rerun_has_every_job_exactly_once(tmp_path):
         (p.strip(), q, s) for p in POLICIES.split(";") for q in ("a red square", "a blue disc") for s in range(3)}
 
 
+def _line(job_id: str) -> dict:
+    return {"job_id": job_id, "policy": "full", "prompt": "a red square", "seed": 0, "metrics": {}, "curves": {}}
+
+
 def test_a_torn_last_line_is_ignored_and_cut_before_appending(tmp_path):
     store = ResultsStore(tmp_path / "results.jsonl")
-    store.append({"job_id": "a", "x": 1})
+    store.append(_line("a"))
     with open(store.path, "ab") as handle:
         handle.write(b'{"job_id": "b", "x"')  # a crash in the middle of a write
     assert [r["job_id"] for r in store.load()] == ["a"]
     store.repair()
-    store.append({"job_id": "c"})
+    store.append(_line("c"))
     assert [r["job_id"] for r in store.load()] == ["a", "c"]
     assert store.path.read_text().count("\n") == 2
 
