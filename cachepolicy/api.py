@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -113,6 +114,13 @@ def _with_recipe_policies(recipe: Recipe | None, policies: list[Policy]) -> list
     return (build_policies(*extra) if extra else []) + policies
 
 
+def _write_trace(folder: Path, trace: Sequence[dict[str, Any]]) -> None:
+    """``trace.jsonl`` rewritten whole from the session's records (what was appended chunk by chunk, exactly)."""
+    from cachepolicy.outputs import atomic_write_bytes
+
+    atomic_write_bytes(folder / TRACE_FILE, "".join(json.dumps(r) + "\n" for r in trace).encode())
+
+
 def _versions() -> dict[str, str]:
     import diffusers
     import torch
@@ -161,7 +169,8 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
 
     check_video_columns(video_columns)  # before anything runs or is written
     check_int(batch, "batch (samples)", low=1)
-    check_int(seed, "seed", low=0, high=INT64_MAX - batch + 1)
+    check_int(seed, f"seed (a batch of {batch} runs seeds seed..seed+{batch - 1}, each at most 2**63 - 1)", low=0,
+              high=INT64_MAX - batch + 1)
     check_run_folder(out, force)
     if isinstance(policies, str):
         policies = [policies]
@@ -209,7 +218,7 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
     }
     with FolderLock(out, "cachepolicy run"):
         recover_leftovers(out)
-        folder = check_run_folder(out, force)  # again: another process may have written it meanwhile
+        folder = check_run_folder(out, force, locked=True)  # again: another process may have written it meanwhile
         replacing = folder.is_dir() and any(not name.startswith(".") for name in os.listdir(folder))
         stage = new_staging(folder) if replacing else folder
         stage.mkdir(parents=True, exist_ok=True)
@@ -248,19 +257,25 @@ def _write_run(session: Session, adapter: ModelAdapter, folder: Path, run: dict[
                      metadata={"frames_per_chunk": str(adapter.info.frames_per_chunk), "model": run["model"]})
         videos = _write_videos(adapter, result.latents, folder, video_columns)
     except BaseException as exc:
+        # the chunks that finished: the trace and latents as the session holds them (a stop may have landed
+        # between a chunk's latents and its trace line, or before the line reached the file)
         partial = session.result()
+        trace = partial.trace
+        latents = partial.latents[:, :, :len(trace) * adapter.info.frames_per_chunk]
         stopped = isinstance(exc, KeyboardInterrupt)
         run.update(status="interrupted" if stopped else "failed", error=f"{type(exc).__name__}: {exc}",
-                   chunks_completed=len(partial.trace))
+                   chunks_completed=len(trace))
         if isinstance(exc, PolicyHookError):
             run.update(failed_policy=exc.policy, failed_distribution=exc.distribution)
-        save_latents(folder / LATENTS_FILE, partial.latents,
+        _write_trace(folder, trace)
+        save_latents(folder / LATENTS_FILE, latents,
                      metadata={"frames_per_chunk": str(adapter.info.frames_per_chunk), "model": run["model"]})
         atomic_write_json(folder / RUN_FILE, run)
         finish()
         raise
     run.update(status="completed", chunks_completed=len(result.trace),
                seconds=sum(r["seconds"] for r in result.trace), videos=[p.name for p in videos])
+    _write_trace(folder, result.trace)
     atomic_write_json(folder / RUN_FILE, run)
     finish()
     return videos

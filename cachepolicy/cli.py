@@ -19,7 +19,7 @@ import re
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 logger = logging.getLogger("cachepolicy")
 
@@ -60,8 +60,15 @@ def _positive(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line like every other error of the command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cachepolicy",
         description="Inference-time KV-cache policies for autoregressive video generation.",
     )
@@ -293,7 +300,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _install_stop_handlers() -> dict[int, Any]:
     """Make each stop signal raise :class:`~cachepolicy.errors.StopRequested` once (later ones are ignored
     while what finished is saved); returns the handlers to restore."""
-    from cachepolicy.errors import StopRequested
+    from cachepolicy.folders import request_stop
 
     stopping = []
 
@@ -303,7 +310,7 @@ def _install_stop_handlers() -> dict[int, Any]:
             logger.warning("%s received while stopping: still saving what finished (SIGKILL stops at once)", name)
             return
         stopping.append(name)
-        raise StopRequested(name)
+        request_stop(name)
 
     import threading
 

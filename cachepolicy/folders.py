@@ -9,13 +9,15 @@ it dies (``SIGKILL`` included), so a lock file left behind by a dead process is 
 
 A run that replaces another is built in ``.DIR.new-<token>`` beside ``DIR`` and swapped in whole
 (:func:`swap_in`): ``DIR`` is renamed to ``.DIR.old-<token>``, the new folder to ``DIR``, the old one removed.
-A process killed between those two renames leaves ``DIR`` missing and the old folder beside it;
-:func:`recover_leftovers`, which every writer runs once it holds the lock, puts the old folder back, and
-removes the unfinished new folders of dead writers.
+Stops requested by signal wait until both renames are done (:func:`deferred_stops`); a process killed
+between them leaves ``DIR`` missing and the old folder beside it: :func:`recover_leftovers`, which every
+writer runs once it holds the lock, puts the old folder back, and removes the unfinished new folders of dead
+writers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,10 +25,11 @@ import secrets
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cachepolicy.errors import FolderBusyError
+from cachepolicy.errors import FolderBusyError, StopRequested
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +184,34 @@ def holder_of(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
         os.close(fd)
 
 
+_DEFERRAL = {"depth": 0, "pending": None}
+
+
+def request_stop(signal_name: str) -> None:
+    """What the handler of a stop signal calls: raise :class:`~cachepolicy.errors.StopRequested` now, or,
+    inside :func:`deferred_stops`, when that block ends."""
+    if _DEFERRAL["depth"]:
+        _DEFERRAL["pending"] = signal_name
+        return
+    raise StopRequested(signal_name)
+
+
+@contextlib.contextmanager
+def deferred_stops() -> Iterator[None]:
+    """Hold back stops requested through :func:`request_stop` (the CLI's ``SIGINT``, ``SIGTERM`` and
+    ``SIGHUP``) until the block ends, so that a stop cannot land between the steps of a swap; ``SIGKILL``
+    still can (:func:`recover_leftovers` repairs it)."""
+    _DEFERRAL["depth"] += 1
+    try:
+        yield
+    finally:
+        _DEFERRAL["depth"] -= 1
+    pending = _DEFERRAL["pending"]
+    if pending is not None and not _DEFERRAL["depth"]:
+        _DEFERRAL["pending"] = None
+        raise StopRequested(pending)
+
+
 def new_staging(folder: str | os.PathLike[str]) -> Path:
     """A new, empty ``.NAME.new-<token>`` folder beside ``folder``, where a replacement is built."""
     folder = absolute(folder)
@@ -196,8 +227,9 @@ def swap_in(staging: Path, folder: str | os.PathLike[str]) -> None:
         os.replace(staging, folder)
         return
     old = _sibling(folder, "old", secrets.token_hex(4))
-    os.replace(folder, old)
-    os.replace(staging, folder)
+    with deferred_stops():
+        os.replace(folder, old)
+        os.replace(staging, folder)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -93,13 +93,19 @@ def run_status(folder: Path) -> str:
     return f"status {status!r}"
 
 
-def check_run_folder(out: str | Path, force: bool) -> Path:
+def check_run_folder(out: str | Path, force: bool, *, locked: bool = False) -> Path:
     """Check that ``out`` can take a new run, before anything is written; returns it as a :class:`Path`.
 
-    ``out`` must be missing, an empty folder, or (with ``force``) a folder holding a run and nothing else.
+    ``out`` must be missing, an empty folder, or (with ``force``) a folder holding a run and nothing else,
+    and no other process may be writing it (``locked``: this process holds its lock).
     """
+    from cachepolicy.errors import FolderBusyError
+    from cachepolicy.folders import holder_of
+
     folder = Path(out)
     check_writable(folder)
+    if not locked and (holder := holder_of(folder)) is not None:
+        raise FolderBusyError(folder, holder)
     if not folder.is_dir():
         return folder
     entries = sorted(name for name in os.listdir(folder) if not name.startswith("."))

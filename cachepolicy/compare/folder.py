@@ -55,8 +55,11 @@ def _archive(out: Path) -> Path:
         suffix += 1
         name = f"archive-{stamp}-{suffix}"
     partial = out / f".{name}.partial"
-    partial.mkdir()
-    return _finish_archive(out, partial)
+    from cachepolicy.folders import deferred_stops
+
+    with deferred_stops():  # a stop lands before or after the archive, never in the middle
+        partial.mkdir()
+        return _finish_archive(out, partial)
 
 
 def _finish_archive(out: Path, partial: Path) -> Path:
@@ -73,15 +76,15 @@ def recover(out: Path) -> None:
     """Finish archives and remove job folders that killed processes left in ``out`` (lock held)."""
     if not out.is_dir():
         return
-    for name in sorted(os.listdir(out)):
-        if name.startswith(".archive-") and name.endswith(".partial"):
-            logger.warning("finishing the archive %s that a killed run started", name)
-            _finish_archive(out, out / name)
     jobs = out / "jobs"
     if jobs.is_dir():
         for name in os.listdir(jobs):
             if name.startswith("."):
                 shutil.rmtree(jobs / name, ignore_errors=True)
+    for name in sorted(os.listdir(out)):
+        if name.startswith(".archive-") and name.endswith(".partial"):
+            logger.warning("finishing the archive %s that a killed run started", name)
+            _finish_archive(out, out / name)
 
 
 def read_config(out: Path) -> CompareConfig:

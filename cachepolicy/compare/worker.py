@@ -78,9 +78,12 @@ def _write_job_folder(folder: Path, result: Any, preview: Any) -> None:
     np.save(buffer, preview)
     atomic_write_bytes(tmp / "preview.npy", buffer.getvalue())
     if folder.exists():  # an earlier attempt of this job (killed before its line, or failed)
+        from cachepolicy.folders import deferred_stops
+
         old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(folder, old)
-        os.replace(tmp, folder)
+        with deferred_stops():
+            os.replace(folder, old)
+            os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, folder)

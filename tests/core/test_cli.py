@@ -132,3 +132,55 @@ def test_run_refuses_bad_video_columns_before_writing(tmp_path):
     with pytest.raises(SystemExit):  # argparse: "argument --columns: must be at least 1"
         main(["run", "tiny-wan", "--chunks", "1", "--columns", "0", "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
+
+
+def test_a_policy_hook_error_marks_the_run_failed_in_one_line_and_keeps_the_chunks(tmp_path, capsys, monkeypatch):
+    """The engine raises :class:`PolicyHookError` naming the policy and its distribution; the CLI prints one line,
+    exits 3, and the run folder keeps the chunks finished before it."""
+    from cachepolicy.engine import Session
+    from cachepolicy.errors import PolicyHookError
+
+    real = Session._run_chunk
+
+    def chunk(self, index):
+        if index == 2:
+            raise PolicyHookError("policy 'sliding-window:frames=3' (distribution demo-plugins): cachepolicy_select "
+                                  "raised ValueError: boom", policy="sliding-window:frames=3",
+                                  distribution="demo-plugins")
+        return real(self, index)
+
+    monkeypatch.setattr(Session, "_run_chunk", chunk)
+    out = tmp_path / "run"
+    assert main(["run", "tiny-wan", "--policy", "sliding-window:frames=3", "--chunks", "4", "--out", str(out)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: policy 'sliding-window:frames=3' (distribution demo-plugins): cachepolicy_select raised "
+                   "ValueError: boom"]
+    run = json.loads((out / "run.json").read_text())
+    assert (run["status"], run["chunks_completed"]) == ("failed", 2)
+    assert (run["failed_policy"], run["failed_distribution"]) == ("sliding-window:frames=3", "demo-plugins")
+    assert load_file(out / "latents.safetensors")["latents"].shape[2] == 6
+    assert len((out / "trace.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_model_runs_without_a_prompt_on_its_default_prompt(tmp_path, registry):
+    """Every model that loads without options draws its own default prompt (the drift lab's is a scene of its
+    grammar); ``cachepolicy run drift-lab`` without ``--prompt`` is the newcomer's first command."""
+    for name in ("tiny-wan", "tiny-skyreels", "drift-lab"):
+        adapter = registry.model(name).load()
+        adapter.encode_prompts([adapter.default_prompt])
+    out = tmp_path / "lab"
+    assert main(["run", "drift-lab", "--chunks", "2", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["prompts"] == [registry.model("drift-lab").load().default_prompt]
+    assert run["sampler"]["shift"] == 1.0  # what the drift lab's config.json says, not Sampler's default 5
+
+
+def test_plugins_are_listed_sorted(capsys):
+    assert main(["plugins", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    kinds = ["policy", "model", "metric", "plugin"]
+    keys = [(kinds.index(r["kind"]), r["name"]) for r in records]
+    assert keys == sorted(keys) and len({r["kind"] for r in records}) >= 3
+    assert main(["plugins"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert names == [r["name"] for r in records]
