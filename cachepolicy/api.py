@@ -148,7 +148,8 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
                num_chunks: int, seed: int = 0, batch: int = 1, prompts: Sequence[str] | None = None,
                model_options: dict[str, Any] | None = None, force: bool = False,
                progress: bool = False, recipe: str | Recipe | None = None,
-               prompt_switches: Sequence[PromptSwitch] = (), video_columns: int | None = None) -> dict[str, Any]:
+               prompt_switches: Sequence[PromptSwitch] = (), video_columns: int | None = None,
+               trace_residency: bool = False) -> dict[str, Any]:
     """One rollout written to ``out`` (``run.json``, ``trace.jsonl``, ``latents.safetensors``, and
     ``video.mp4`` / ``video.gif`` of the decoded frames when the model has a decoder).
 
@@ -191,7 +192,7 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
         prompts = prompts * batch
     seeds = [seed + b for b in range(batch)]
     config = RolloutConfig(num_chunks=num_chunks, prompts=tuple(prompts), seeds=tuple(seeds), recipe=chosen,
-                           prompt_switches=tuple(prompt_switches))
+                           prompt_switches=tuple(prompt_switches), trace_residency=trace_residency)
     session = Session(adapter, built, config, progress=progress)
     session.check()  # fail before anything is written
     info = adapter.info
@@ -266,7 +267,7 @@ def _write_run(session: Session, adapter: ModelAdapter, folder: Path, run: dict[
         run.update(status="interrupted" if stopped else "failed", error=f"{type(exc).__name__}: {exc}",
                    chunks_completed=len(trace))
         if isinstance(exc, PolicyHookError):
-            run.update(failed_policy=exc.policy, failed_distribution=exc.distribution)
+            run.update(failed_policy=exc.policy, failed_hook=exc.hook, failed_distribution=exc.distribution)
         _write_trace(folder, trace)
         save_latents(folder / LATENTS_FILE, latents,
                      metadata={"frames_per_chunk": str(adapter.info.frames_per_chunk), "model": run["model"]})

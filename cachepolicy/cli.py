@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--switch", action="append", default=[], type=_parse_switch, metavar="CHUNK:PROMPT",
                      help="from chunk CHUNK on, follow PROMPT (repeat for several switches; LongLive's recipe "
                           "re-caches the recent frames under the new prompt)")
+    run.add_argument("--trace-residency", action="store_true",
+                     help="record the resident tokens after every chunk in trace.jsonl (field 'residency')")
     run.add_argument("--force", action="store_true",
                      help="replace a run already in --out (the new run is built beside it and swapped in whole)")
     run.add_argument("--no-progress", action="store_true",
@@ -287,7 +289,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     paths = run_to_dir(args.model, policies, out=args.out, num_chunks=args.chunks, seed=args.seed,
                        batch=args.batch, prompts=args.prompt or None, model_options=_model_options(args),
                        force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
-                       recipe=recipe, prompt_switches=args.switch, video_columns=args.columns)
+                       recipe=recipe, prompt_switches=args.switch, video_columns=args.columns,
+                       trace_residency=args.trace_residency)
     logger.info("run finished")
     print(f"wrote {paths['latents']}")
     print(f"wrote {paths['trace']}")

@@ -82,17 +82,20 @@ class MissingDependencyError(CachePolicyError, ImportError):
 
 
 class PolicyHookError(CachePolicyError, RuntimeError):
-    """A policy's rollout hook raised or returned something the engine cannot use (or the policy wrote
-    non-finite values into the cache); the rollout stopped.
+    """A policy's hook raised an unexpected error (or returned something the engine cannot use).
 
-    ``policy`` is the spec of the policy to blame, ``distribution`` the Python distribution that installed
-    it (None when unknown). The chunks finished before the failure are kept.
+    Attributes:
+        policy: the policy's spec string.
+        hook: the hook that failed.
+        distribution: the distribution that provides the policy, when known.
     """
 
-    def __init__(self, message: str, *, policy: str, distribution: str | None = None) -> None:
+    def __init__(self, policy: str, hook: str, distribution: str | None, detail: str) -> None:
         self.policy = policy
+        self.hook = hook
         self.distribution = distribution
-        super().__init__(message)
+        origin = f" (from distribution {distribution!r})" if distribution else ""
+        super().__init__(f"policy {policy!r}{origin} failed in {hook}: {detail}")
 
 
 class FolderBusyError(CachePolicyError, RuntimeError):

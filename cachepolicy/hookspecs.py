@@ -24,6 +24,12 @@ The lifecycle of one rollout, per chunk ``c`` of ``frames_per_chunk`` latent fra
         chunk_end                     -> extra trace fields
     session_end
 
+and around every model forward (each denoising step, context pass and re-encode):
+
+    rope_positions                    -> may move the call's RoPE positions (raw-mode caches)
+    layer_request                     -> may ask to see the forward inside its layers
+        layer (per layer, before it attends) -> may return a LayerEdit (drop, merge)
+
 Tokens of the chunk being generated are never part of the :class:`~cachepolicy.cache.CacheView` that
 policies see during its denoising; they become context once committed, at ``select``.
 """
@@ -42,7 +48,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 if TYPE_CHECKING:  # pragma: no cover
     from cachepolicy.cache import CacheView
-    from cachepolicy.engine import Candidate, Session, StepOutput
+    from cachepolicy.chunk import Candidate, StepOutput
+    from cachepolicy.engine import Session
+    from cachepolicy.layers import ForwardCall, LayerContext, LayerEdit, LayerRequest, RopePositions
     from cachepolicy.metrics import Metric
     from cachepolicy.models import ModelEntry
     from cachepolicy.policy import Policy, PruneRequest, Selection
@@ -116,6 +124,25 @@ class RolloutSpecs:
     @hookspec
     def cachepolicy_session_end(self, session: Session) -> None:
         """The rollout finished (or failed); release per-session resources."""
+
+    @hookspec
+    def cachepolicy_rope_positions(self, session: Session, call: ForwardCall) -> RopePositions | None:
+        """Before a forward: move its RoPE positions (needs a ``raw`` cache: declare ``rope_mode = "raw"``).
+
+        Return :class:`~cachepolicy.layers.RopePositions` (resident keys ``[B, S]`` and/or the call's own
+        start frame) or None. At most one policy of a composition may move positions.
+        """
+
+    @hookspec
+    def cachepolicy_layer_request(self, session: Session, call: ForwardCall) -> LayerRequest | None:
+        """Before a forward: return a :class:`~cachepolicy.layers.LayerRequest` to get ``cachepolicy_layer``
+        inside its layers. Forwards that no policy requests run the plain per-layer path."""
+
+    @hookspec
+    def cachepolicy_layer(self, session: Session, layer: LayerContext) -> LayerEdit | None:
+        """Inside one layer of a requested forward (conditional branch), before it attends: the call's
+        queries, keys and values and the layer's resident cache. Return a
+        :class:`~cachepolicy.layers.LayerEdit` (applied to every branch) or None."""
 
 
 ROLLOUT_HOOKS: tuple[str, ...] = tuple(

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from cachepolicy.cache import KVCache
+    from cachepolicy.layers import ForwardCall
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -190,11 +191,13 @@ class ModelAdapter(abc.ABC):
         """Return the conditioning for a batch of prompts (adapter-specific, passed back to :meth:`forward`)."""
 
     @abc.abstractmethod
-    def new_cache(self, batch_size: int, *, rope_mode: str = "absolute") -> KVCache:
-        """An empty cache on the model's device and dtype for ``batch_size`` samples.
+    def new_cache(self, batch_size: int, *, rope_mode: str = "absolute", branches: int = 1) -> KVCache:
+        """An empty cache on the model's device and dtype for ``batch_size`` samples, with the model's rotary
+        embedding (:attr:`KVCache.rotary`).
 
-        ``rope_mode``: ``"absolute"`` stores keys after RoPE at their positions; ``"raw"`` stores keys
-        before RoPE and :meth:`forward` rotates every key it reads (see :class:`~cachepolicy.cache.KVCache`).
+        ``rope_mode``: ``"absolute"`` stores keys after RoPE at their positions; ``"raw"`` stores keys before
+        RoPE and rotates every key it reads (see :class:`~cachepolicy.cache.KVCache`). ``branches``: 2 under
+        classifier-free guidance (the unconditional forward's keys and values).
         """
 
     @abc.abstractmethod
@@ -203,56 +206,24 @@ class ModelAdapter(abc.ABC):
         generated (e.g. they pass the RoPE table); called before a rollout starts."""
 
     @abc.abstractmethod
-    def forward(
-        self,
-        latent: torch.Tensor,
-        timesteps: torch.Tensor,
-        frame_start: int,
-        chunk: int,
-        cache: KVCache,
-        conditioning: Any,
-        commit: bool,
-        *,
-        rope_start: int | None = None,
-        visible: torch.Tensor | None = None,
-        rope_positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Run the model on one chunk against the resident cache.
+    def forward(self, latent: torch.Tensor, timesteps: torch.Tensor, call: ForwardCall, cache: KVCache,
+                conditioning: Any) -> torch.Tensor:
+        """Run the model on ``latent`` against the resident cache.
 
         Args:
-            latent: ``[B, C, F, H, W]`` noisy (or clean, for the context pass) latent of the chunk.
+            latent: ``[B, C, F, H, W]`` noisy (or clean, for a context pass) latent of ``call.num_frames`` frames.
             timesteps: ``[B, F]`` float timesteps in [0, 1000] on the CPU, one per latent frame.
-            frame_start: absolute latent frame index of the chunk's first frame.
-            chunk: index of the chunk (recorded in the cache metadata on commit).
-            cache: the resident context; the chunk's own K/V are written into its provisional slot.
+            call: the forward (:class:`~cachepolicy.layers.ForwardCall`): its RoPE positions
+                (``rope_start``), the guidance ``branch``, the resident tokens it attends to (``visible``) and
+                their positions (``rope_positions``, a ``raw`` cache).
+            cache: the resident context; inside :meth:`KVCache.forward` every self-attention layer calls
+                :meth:`KVCache.attend`, which writes the call's keys/values into the provisional slot (the
+                engine makes them resident with :meth:`KVCache.commit` after a context pass).
             conditioning: what :meth:`encode_prompts` returned.
-            commit: when True the chunk's K/V become resident (the context pass): the adapter calls
-                :meth:`KVCache.commit` with the chunk's metadata after the forward.
-            rope_start: RoPE frame position of the chunk's first frame (None: ``frame_start``). Recipes
-                that restart positions (CausVid's long-video restarts) set it; the cache records it as
-                ``rope_pos`` while ``frame`` stays absolute.
-            visible: bool ``[B, S]`` (``S = cache.max_length``, aligned with ``cache.view()``): the resident
-                tokens this call attends to (None: all). The call's own tokens are always attended to.
-                Rolling Forcing's loop uses it to pick its anchor / working-cache keys.
-            rope_positions: long ``[B, S]``: the RoPE frame position each resident key is rotated to for
-                this call (None: its ``rope_pos``). Needs a ``rope_mode="raw"`` cache (raise
-                :class:`~cachepolicy.errors.ParameterError` otherwise); Rolling Forcing re-rotates its
-                anchor with it. Entries of invisible tokens are ignored.
 
         Returns:
             The model output (flow velocity) ``[B, C, F, H, W]`` in the model's dtype.
         """
-
-    def reencode(self, latent: torch.Tensor, timesteps: torch.Tensor, frame_start: int, cache: KVCache,
-                 conditioning: Any, *, rope_start: int | None = None) -> int:
-        """Recompute the K/V of already generated frames (LongLive's KV re-cache at a prompt switch).
-
-        One forward over the clean frames ``[frame_start, frame_start + F)`` of ``latent`` ``[B, C, F, H, W]``
-        (timesteps ``[B, F]``, usually the context noise), attending to the resident tokens of *other*
-        frames and, bidirectionally, to themselves. Resident tokens of these frames then get the new
-        K/V (their metadata is unchanged); nothing is added to the cache. Returns the tokens replaced.
-        """
-        raise NotImplementedError(f"adapter {self.info.adapter!r} cannot re-encode cached frames")
 
     def token_grid(self, latent: torch.Tensor) -> torch.Tensor:
         """Lay a latent ``[B, C, F, H, W]`` out on the cache's token grid: ``[B, F, N, D]``.

@@ -57,11 +57,23 @@ class Policy:
     #: One line shown by ``cachepolicy plugins``.
     summary: ClassVar[str] = ""
 
+    #: ``"raw"`` if the policy re-rotates resident keys per call (``cachepolicy_rope_positions``), which needs
+    #: keys stored before RoPE; None: either cache mode.
+    rope_mode: ClassVar[str | None] = None
+
     def check_compatible(self, model: ModelInfo) -> None:
         """Raise :class:`~cachepolicy.errors.ParameterError` if this policy cannot run on ``model``.
 
         Called once before a rollout starts, so bad settings fail before any work is done.
         """
+
+    def cache_bound(self, model: ModelInfo) -> CacheBound | None:
+        """What this policy bounds about the cache, for sizing buffers before the rollout (None: nothing).
+
+        A bound only sizes the first allocation; a cache that outgrows it still grows, so a wrong bound costs
+        memory or a reallocation, never correctness.
+        """
+        return None
 
     def new_state(self) -> Any:
         """Return this policy's fresh per-rollout state (``None`` for stateless policies)."""
@@ -100,20 +112,44 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+@attrs.frozen
+class CacheBound:
+    """What a policy bounds about the resident cache (latent frames).
+
+    Attributes:
+        kept_frames: the policy drops every context token outside at most this many frames (a window), or
+            None (it bounds nothing).
+        protected_frames: frames the policy protects from every other policy's drops (a sink).
+    """
+
+    kept_frames: int | None = None
+    protected_frames: int = 0
+
+
+def cache_bound_frames(policies: Iterable[Policy], model: ModelInfo, num_frames: int) -> int:
+    """The most context frames a composition can hold: the tightest window plus every protected frame, at
+    most ``num_frames`` (the rollout's length: without a window, everything)."""
+    bounds = [bound for bound in (p.cache_bound(model) for p in policies) if bound is not None]
+    windows = [bound.kept_frames for bound in bounds if bound.kept_frames is not None]
+    if not windows:
+        return num_frames
+    return min(num_frames, min(windows) + sum(bound.protected_frames for bound in bounds))
+
+
 # --------------------------------------------------------------------------------------------------
 # Decisions returned by hooks
 # --------------------------------------------------------------------------------------------------
 
 
-def _bool_mask(name: str):
+def _bool_mask(name: str, shapes: str = "[B, S], [L, B, S] or [L, H, B, S]", ndims: tuple[int, ...] = (2, 3, 4)):
     def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         import torch
 
         if value is None:
             return
-        if not isinstance(value, torch.Tensor) or value.dtype != torch.bool or value.ndim != 2:
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.bool or value.ndim not in ndims:
             got = getattr(value, "dtype", type(value).__name__), tuple(getattr(value, "shape", ()))
-            raise ParameterError(f"{name} must be a bool tensor of shape [B, S], got {got}")
+            raise ParameterError(f"{name} must be a bool tensor of shape {shapes}, got {got}")
 
     return check
 
@@ -122,9 +158,13 @@ def _bool_mask(name: str):
 class Selection:
     """What one policy decides about the resident tokens at ``select``.
 
+    Masks cover the :class:`~cachepolicy.cache.CacheView` tokens ``[B, S]``, for every layer and head, or
+    per layer ``[L, B, S]``, or per layer and head ``[L, H, B, S]`` (a token can stay in some layers or heads
+    and leave others). Protect beats drop in each (layer, head).
+
     Attributes:
-        protect: bool ``[B, S]`` over :class:`~cachepolicy.cache.CacheView` tokens that must be kept, or None.
-        drop: bool ``[B, S]`` of tokens this policy would evict, or None.
+        protect: bool mask of tokens that must be kept, or None.
+        drop: bool mask of tokens this policy would evict, or None.
     """
 
     protect: torch.Tensor | None = attrs.field(default=None, validator=_bool_mask("Selection.protect"))
@@ -145,7 +185,7 @@ class PruneRequest:
         reason: a short human-readable reason, logged.
     """
 
-    drop: torch.Tensor = attrs.field(validator=_bool_mask("PruneRequest.drop"))
+    drop: torch.Tensor = attrs.field(validator=_bool_mask("PruneRequest.drop", "[B, S]", (2,)))
     samples: torch.Tensor = attrs.field()
     max_restarts: int = attrs.field(default=1)
     reason: str = ""
@@ -172,49 +212,74 @@ class Resolution:
     """The composed decision of all policies for one chunk.
 
     Attributes:
-        keep: bool ``[B, S]``: resident tokens that survive (frame order is preserved by compaction).
-        protected: bool ``[B, S]``: tokens some policy protected (they become ``pinned`` in the cache).
-        dropped_by: tokens evicted, per policy spec (a token two policies drop counts for both).
-        evicted: total tokens evicted over the batch.
+        keep: bool ``[B, S]`` (every selection was per token) or ``[L, H, B, S]``: resident tokens that
+            survive, per layer and head (frame order is preserved by compaction).
+        protected: bool ``[B, S]``: tokens some policy protected in some layer (they become ``pinned``).
+        dropped_by: tokens evicted, per policy spec (a token two policies drop counts for both). A token
+            evicted from only some layers or heads counts as the fraction of layer-heads it left.
+        evicted: total tokens evicted over the batch (same units).
     """
 
     keep: torch.Tensor
     protected: torch.Tensor
-    dropped_by: dict[str, int]
-    evicted: int
+    dropped_by: dict[str, int | float]
+    evicted: int | float
 
 
-def compose(selections: Mapping[str, Selection | None], valid: torch.Tensor) -> Resolution:
+def compose(selections: Mapping[str, Selection | None], valid: torch.Tensor, num_layers: int = 1,
+            num_heads: int = 1) -> Resolution:
     """Compose per-policy selections into one keep set; the result does not depend on their order.
 
     Args:
         selections: per policy spec, its :class:`Selection` (or None for "no opinion").
         valid: bool ``[B, S]``: which view positions hold a resident token.
+        num_layers: the model's layers, for selections per layer (``[L, B, S]``).
+        num_heads: the model's heads, for selections per layer and head (``[L, H, B, S]``).
     """
     import torch
 
-    protect = torch.zeros_like(valid)
-    drop = torch.zeros_like(valid)
+    masks = [m for sel in selections.values() if sel is not None for m in (sel.protect, sel.drop) if m is not None]
+    for mask in masks:
+        if mask.shape[-2:] != valid.shape or (mask.ndim >= 3 and mask.shape[0] != num_layers) or (
+                mask.ndim == 4 and mask.shape[1] != num_heads):
+            raise CompositionError(
+                f"a selection mask has shape {tuple(mask.shape)}; the cache view is {tuple(valid.shape)} "
+                f"([B, S]), with {num_layers} layers and {num_heads} heads for [L, B, S] or [L, H, B, S]"
+            )
+    granular = any(mask.ndim > 2 for mask in masks)
+
+    def full(mask: torch.Tensor) -> torch.Tensor:
+        if not granular:
+            return mask
+        if mask.ndim == 2:
+            return mask[None, None]
+        return mask[:, None] if mask.ndim == 3 else mask
+
+    shape = (num_layers, num_heads, *valid.shape) if granular else valid.shape
+    protect = torch.zeros(shape, dtype=torch.bool, device=valid.device)
+    drop = torch.zeros(shape, dtype=torch.bool, device=valid.device)
     for sel in selections.values():
         if sel is None:
             continue
-        for mask in (sel.protect, sel.drop):
-            if mask is not None and mask.shape != valid.shape:
-                raise CompositionError(
-                    f"a selection mask has shape {tuple(mask.shape)}, the cache view is {tuple(valid.shape)}"
-                )
         if sel.protect is not None:
-            protect |= sel.protect
+            protect |= full(sel.protect)
         if sel.drop is not None:
-            drop |= sel.drop
+            drop |= full(sel.drop)
     evict = drop & ~protect & valid
     keep = valid & ~evict
+    cells = num_layers * num_heads if granular else 1
+
+    def count(mask: torch.Tensor) -> int | float:
+        total = int(mask.sum())
+        return total if cells == 1 else round(total / cells, 3)
+
     dropped_by = {}
     for spec in sorted(selections):
         sel = selections[spec]
         if sel is not None and sel.drop is not None:
-            dropped_by[spec] = int((sel.drop & evict).sum())
-    return Resolution(keep=keep, protected=protect & valid, dropped_by=dropped_by, evicted=int(evict.sum()))
+            dropped_by[spec] = count(full(sel.drop) & evict)
+    protected = (protect.flatten(0, 1).any(dim=0) if granular else protect) & valid
+    return Resolution(keep=keep, protected=protected, dropped_by=dropped_by, evicted=count(evict))
 
 
 # --------------------------------------------------------------------------------------------------

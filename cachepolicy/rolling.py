@@ -16,24 +16,25 @@ Read from TencentARC/RollingForcing@a1477d0 (``pipeline/rolling_forcing_inferenc
 * After each window with ``w >= W-1`` its final block ``f`` is committed: ``candidate_ready``,
   ``before_commit``, a clean context pass that sees the last ``max_attention_frames`` frames ending with
   ``f`` (the anchor at its own positions while it is among them), selection and compaction, ``chunk_end``
-  -- the engine's own commit (:meth:`Session._commit_chunk`).
+  -- the chunk loop's own commit (:func:`cachepolicy.loops.commit_chunk`).
 
 Hooks: ``chunk_start(f)`` before the first window whose first block is ``f``; ``after_step`` once per
 window for its first block, with ``step`` = that block's step index; ``candidate_ready`` for the final
 block. A :class:`~cachepolicy.policy.PruneRequest` from either prunes the cache (protected tokens stay)
 and re-runs the window with the same inputs and noise, at most ``max_restarts`` times per policy and
 sample. Noise: block ``b`` draws its initial noise, its re-noising for step ``i`` and its context noise as
-uses ``0``, ``i`` and ``W`` of chunk ``b`` (:func:`cachepolicy.engine.noise_seed`), as the per-chunk loop.
+uses ``0``, ``i`` and ``W`` of chunk ``b`` (:mod:`cachepolicy.noise`), as the per-chunk loop.
 """
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from cachepolicy.chunk import ChunkBook, StepOutput
 from cachepolicy.errors import RolloutConfigError
+from cachepolicy.loops import commit_chunk
 
 if TYPE_CHECKING:
     from cachepolicy.cache import CacheView
@@ -65,10 +66,9 @@ def context_keys(rolling: Rolling, view: CacheView, block: int, frames_per_chunk
 
 def run_rolling(session: Session) -> None:
     """Generate ``session.config.num_chunks`` blocks with Rolling Forcing's rolling window."""
-    from cachepolicy.engine import Candidate, StepOutput, call_each
-
     recipe = session.recipe
-    assert recipe is not None and recipe.rolling is not None
+    if recipe is None or recipe.rolling is None:
+        raise RolloutConfigError("run_rolling needs a recipe with a rolling window (Recipe.rolling)")
     rolling = recipe.rolling
     if session.cache.rope_mode != "raw":
         raise RolloutConfigError("Rolling Forcing re-rotates its anchor: it needs a cache with rope_mode='raw'")
@@ -77,75 +77,54 @@ def run_rolling(session: Session) -> None:
                                  "Sampler(noise='predicted') is not supported with a rolling window")
     if session.config.prompt_switches:
         raise RolloutConfigError("prompt switches are not supported with Rolling Forcing's rolling window")
-    model = session.model
-    frames = model.frames_per_chunk
+    frames = session.model.frames_per_chunk
     sigmas = session.sampler.sigmas()
     timesteps = session.sampler.timesteps()
     num_steps = len(sigmas)
     num_blocks = session.config.num_chunks
     batch = session.batch_size
 
-    noises: dict[int, list[torch.Tensor]] = {}
+    books: dict[int, ChunkBook] = {}  # per block in the window: its noise, and once first, its bookkeeping
     state: dict[int, torch.Tensor] = {}  # the input of block b in its next window
-    # per chunk being finished: [started, forward time, restarts, pruned_by, attempts]
-    books: dict[str, Any] = {}
-
-    windows = range(num_blocks + num_steps - 1)
-    if session.progress:
-        from tqdm.auto import tqdm
-
-        windows = tqdm(windows, desc="windows", unit="window")
-    for w in windows:
+    for w in session.chunk_indices(num_blocks + num_steps - 1, "windows"):
         first, last = max(0, w - num_steps + 1), min(num_blocks - 1, w)
         blocks = list(range(first, last + 1))
         if w < num_blocks:
-            noises[w] = session._noise(w, num_steps + 1)
-            state[w] = noises[w][0]
+            books[w] = session.new_book(w)
+            state[w] = books[w].draw(0)
+        book = books[first]
         if w == 0 or w >= num_steps:  # a new first block: its chunk starts
-            books = {"started": time.perf_counter(), "timer": [0.0], "attempt": 0, "pruned_by": {},
-                     "restarts": {p.spec: [0] * batch for p in session.policies}}
-            session.chunk = first
-            call_each(session.pm, "cachepolicy_chunk_start", session=session, chunk=first)
-        session.chunk = first
+            session.begin_chunk(first, book)
         steps = [w - b for b in blocks]
         final = steps[0] == num_steps - 1
         x = torch.cat([state[b] for b in blocks], dim=2)
         t = torch.tensor([timesteps[i] for i in steps for _ in range(frames)], dtype=torch.float32)
         t = t.unsqueeze(0).expand(batch, -1).contiguous()
-        restarts, pruned_by = books["restarts"], books["pruned_by"]
-        active = torch.ones(batch, dtype=torch.bool)
-        while True:
-            view = session.cache.view()
-            visible, positions = window_keys(rolling, view, first, len(blocks), frames)
-            velocity = session._forward(x, t, first * frames, first, False, books["timer"], visible=visible,
-                                        rope_positions=positions)
+        while True:  # a prune request re-runs the window with the same inputs
+            visible, positions = window_keys(rolling, session.cache.view(), first, len(blocks), frames)
+            velocity = session.forward(book, x, t, phase="step", step=steps[0], visible=visible,
+                                       rope_positions=positions)
             x0s = []
             for j, (b, i) in enumerate(zip(blocks, steps)):
                 part = slice(j * frames, (j + 1) * frames)
-                x_b, v_b = x[:, :, part], velocity[:, :, part]
-                x0s.append((x_b.double() - sigmas[i] * v_b.double()).to(x.dtype))
-            output = StepOutput(first, books["attempt"], steps[0], num_steps, timesteps[steps[0]], sigmas[steps[0]],
-                                first * frames, x[:, :, :frames], velocity[:, :, :frames], x0s[0], active,
+                x0s.append((x[:, :, part].double() - sigmas[i] * velocity[:, :, part].double()).to(x.dtype))
+            output = StepOutput(first, book.attempt, steps[0], num_steps, timesteps[steps[0]], sigmas[steps[0]],
+                                book.frame_start, x[:, :, :frames], velocity[:, :, :frames], x0s[0], book.active,
                                 session.cache.view())
-            results = call_each(session.pm, "cachepolicy_after_step", session=session, step=output)
-            active_next = session._apply_prune_requests(results, restarts, pruned_by)
-            if active_next is None and final:
-                candidate = Candidate(first, books["attempt"], first * frames, x0s[0], active, session.cache.view(),
-                                      session._retries_per_sample(restarts))
-                results = call_each(session.pm, "cachepolicy_candidate_ready", session=session, candidate=candidate)
-                active_next = session._apply_prune_requests(results, restarts, pruned_by)
-            if active_next is None:
-                break
-            active = active_next
-            books["attempt"] += 1
-
+            if session.after_step(book, output):
+                continue
+            if final:
+                candidate = session.candidate(book, x0s[0])
+                if session.candidate_ready(book, candidate):
+                    continue
+            break
         for j, (b, i) in enumerate(zip(blocks, steps)):
             if i + 1 < num_steps:
-                nxt = sigmas[i + 1]
-                state[b] = ((1.0 - nxt) * x0s[j].float() + nxt * noises[b][i + 1].float()).to(x.dtype)
+                following = sigmas[i + 1]
+                state[b] = ((1.0 - following) * x0s[j].float()
+                            + following * books[b].draw(i + 1).float()).to(x.dtype)
         if final:
-            record = {"window_blocks": [first, last]}
+            book.record["window_blocks"] = [first, last]
             visible = context_keys(rolling, session.cache.view(), first, frames)
-            session._commit_chunk(first, candidate, noises[first][-1], books["attempt"], restarts, pruned_by, record,
-                                  books["timer"], books["started"], visible=visible)
-            del state[first], noises[first]
+            commit_chunk(session, book, candidate, visible=visible)
+            del state[first], books[first]

@@ -12,7 +12,7 @@ Semantics, at chunk ``chunk=K`` only:
   drawn without replacement by a CPU generator seeded with ``seed``. Not both; with neither, every position.
 * ``target=kv``: right after chunk K is committed and the keep set applied (``after_compaction``), the cached
   keys and values of chunk K's resident tokens at those positions are corrupted, in every frame of the chunk,
-  every layer and every head (under classifier-free guidance, in both branches' caches). Nothing else in
+  every layer and every head that holds them (under classifier-free guidance, in both branches). Nothing else in
   the cache is touched. The chunk's latent is clean.
 * ``target=latent``: the chunk's clean latent is corrupted before the context pass (``before_commit``) on the
   latent pixels of those tokens' patches (all channels, all frames of the chunk); the committed K/V are
@@ -43,7 +43,8 @@ from cachepolicy.policy import Policy, finite_float, non_negative_int
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-    from cachepolicy.engine import Candidate, Session
+    from cachepolicy.chunk import Candidate
+    from cachepolicy.engine import Session
     from cachepolicy.models import ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -240,7 +241,6 @@ class Fault(Policy):
             return
         state = self.state(session)
         cache = session.cache
-        caches = session.caches  # under classifier-free guidance: both branches' caches
         positions: torch.Tensor = state["positions"]
         view = cache.view()
         num_tokens = session.model.tokens_per_frame
@@ -251,7 +251,7 @@ class Fault(Policy):
         source_of = dict(zip(positions.tolist(), swap_sources(positions, self.seed).tolist())) \
             if self.mode == "swap" else {}
         for b in range(cache.batch_size):
-            index = hit[b].nonzero().squeeze(1)  # resident positions, frame/row/col order
+            index = hit[b].nonzero().squeeze(1)  # table positions, frame/row/col order
             if index.numel() == 0:
                 continue
             spatial = view.spatial_index[b, index].tolist()
@@ -261,12 +261,12 @@ class Fault(Policy):
                 where = {(f, s): i for i, (f, s) in enumerate(zip(frames, spatial))}
                 sources = torch.tensor([where.get((f, source_of[s]), i)
                                         for i, (f, s) in enumerate(zip(frames, spatial))])
-            for branch in caches:  # the same draws for each branch (a fresh generator per cache)
+            for branch in range(cache.branches):  # the same draws for each branch (a fresh generator each)
                 generator = self._generator(session, b)
-                for tensor in (branch.k, branch.v):
-                    values = tensor[:, b, index].transpose(0, 1)  # [n, layers, H, D]
+                for name in ("k", "v"):
+                    values, held = _gather(cache, branch, b, index, name)  # [n, layers, H, D], [n, layers, H]
                     new = corrupt(values, self.mode, self.scale, generator, sources)
-                    tensor[:, b, index] = new.transpose(0, 1)
+                    _scatter(cache, branch, b, index, name, torch.where(held[..., None], new, values))
             state["faulted"][b] = sorted(set(spatial))
         logger.info("fault: corrupted the cached K/V of chunk %d at positions %s (%s, scale %g)", chunk,
                     state["faulted"], self.mode, self.scale)
@@ -277,6 +277,51 @@ class Fault(Policy):
         if chunk == self.chunk:
             return {"faulted_positions": [list(p) for p in state["faulted"]]}
         return {"faulted_positions": [[] for _ in range(session.batch_size)]}
+
+
+def _slots(cell: Any, sample: int, positions: torch.Tensor) -> torch.Tensor:
+    """Slot of each table position ``[n]`` in ``cell`` for ``sample`` (-1 where the cell does not hold it)."""
+    import torch
+
+    length = cell.residency.lengths[sample]
+    slots = cell.residency.slots[sample, :length]
+    where = torch.full((int(positions.max()) + 1,), -1, dtype=torch.long, device=slots.device)
+    inside = slots <= int(positions.max())
+    where[slots[inside]] = torch.arange(length, device=slots.device)[inside]
+    return where[positions]
+
+
+def _gather(cache: Any, branch: int, sample: int, positions: torch.Tensor,
+            name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys or values ``[n, layers, H, D]`` of table ``positions`` of ``sample`` in ``branch``, and where a cell
+    holds them (bool ``[n, layers, H]``; zeros elsewhere)."""
+    import torch
+
+    n = positions.shape[0]
+    values = torch.zeros(n, cache.num_layers, cache.num_heads, cache.head_dim, dtype=cache.dtype, device=cache.device)
+    held = torch.zeros(n, cache.num_layers, cache.num_heads, dtype=torch.bool, device=cache.device)
+    for cell in cache.cells:
+        if cell.branch != branch:
+            continue
+        slots = _slots(cell, sample, positions)
+        inside = slots >= 0
+        tensor = getattr(cell, name)
+        for i, head in enumerate(cell.heads):
+            values[inside, cell.layer, head] = tensor[sample, slots[inside], i]
+            held[inside, cell.layer, head] = True
+    return values, held
+
+
+def _scatter(cache: Any, branch: int, sample: int, positions: torch.Tensor, name: str, values: torch.Tensor) -> None:
+    """Write ``values`` ``[n, layers, H, D]`` back where the cells of ``branch`` hold the positions."""
+    for cell in cache.cells:
+        if cell.branch != branch:
+            continue
+        slots = _slots(cell, sample, positions)
+        inside = slots >= 0
+        tensor = getattr(cell, name)
+        for i, head in enumerate(cell.heads):
+            tensor[sample, slots[inside], i] = values[inside, cell.layer, head].to(tensor.dtype)
 
 
 @hookimpl

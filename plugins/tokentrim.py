@@ -51,7 +51,8 @@ from cachepolicy.policy import SPEC_NAME, Policy, PruneRequest, finite_float, no
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from cachepolicy.cache import CacheView
-    from cachepolicy.engine import Candidate, Session, StepOutput
+    from cachepolicy.chunk import Candidate, StepOutput
+    from cachepolicy.engine import Session
 
 logger = logging.getLogger(__name__)
 

@@ -112,6 +112,22 @@ class HookLog(Policy):
     def cachepolicy_session_end(self, session):
         self._log(session, "cachepolicy_session_end")
 
+    @hookimpl
+    def cachepolicy_rope_positions(self, session, call):
+        self._log(session, "cachepolicy_rope_positions")
+
+    @hookimpl
+    def cachepolicy_layer_request(self, session, call):
+        from cachepolicy.layers import LayerRequest
+
+        self._log(session, "cachepolicy_layer_request")
+        return LayerRequest(layers=[0]) if call.first else None
+
+    @hookimpl
+    def cachepolicy_layer(self, session, layer):
+        assert layer.index == 0 and layer.call.first and layer.query.shape == layer.key.shape
+        self._log(session, "cachepolicy_layer")
+
 
 def test_every_rollout_hook_is_exercised(tiny_wan):
     from cachepolicy.engine import RolloutConfig, Session
@@ -125,6 +141,8 @@ def test_every_rollout_hook_is_exercised(tiny_wan):
     assert set(calls) == set(ROLLOUT_HOOKS)
     steps = len(session.sampler.sigmas())
     assert calls.count("cachepolicy_after_step") == 2 * steps
+    assert calls.count("cachepolicy_layer") == 2  # the first call of each chunk, layer 0 only
+    assert calls.count("cachepolicy_layer_request") == calls.count("cachepolicy_rope_positions") == 2 * (steps + 1)
     assert calls[0] == "cachepolicy_session_start" and calls[-1] == "cachepolicy_session_end"
     assert "hook_log_calls" in result.trace[-1]
 

@@ -34,6 +34,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from cachepolicy.cache import KVCache, metadata_for_chunk
 from cachepolicy.errors import CacheShapeError, ParameterError, RolloutConfigError
+from cachepolicy.layers import ForwardCall
 from cachepolicy.models import ModelAdapter, ModelInfo, Sampler, module_weights_id
 
 logger = logging.getLogger(__name__)
@@ -52,17 +53,51 @@ def apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tens
     return out.type_as(x)
 
 
+class WanRotary:
+    """Wan's 3-D rotary embedding (interleaved pairs; temporal, row and column axes) for the cache.
+
+    ``cos_tables`` / ``sin_tables``: the rotary module's per-axis tables ``[max_seq_len, dim_axis]`` (temporal
+    first), read from diffusers' own ``freqs_cos`` / ``freqs_sin`` buffers.
+    """
+
+    def __init__(self, cos_tables: Sequence[torch.Tensor], sin_tables: Sequence[torch.Tensor]) -> None:
+        self.cos_tables = tuple(cos_tables)
+        self.sin_tables = tuple(sin_tables)
+        self.time_dim = cos_tables[0].shape[1]
+        self.max_frames = cos_tables[0].shape[0]
+
+    def tables(self, frames: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.cos_tables[0].device
+        frames, rows, cols = (t.to(device) for t in (frames, rows, cols))
+        out = []
+        for tables in (self.cos_tables, self.sin_tables):
+            out.append(torch.cat([tables[0][frames], tables[1][rows], tables[2][cols]], dim=-1).unsqueeze(-2))
+        return out[0], out[1]
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rotary(x, cos, sin)
+
+    def shift_frames(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Rotate the temporal channels of ``x`` ``[B, L, H, D]`` by ``delta`` ``[B, L]`` frames (RoPE at
+        ``p + delta`` equals RoPE at ``p`` followed by a rotation of ``delta``); spatial channels unchanged."""
+        magnitude = delta.abs().to(self.cos_tables[0].device)
+        if magnitude.numel() and int(magnitude.max()) >= self.max_frames:
+            raise RolloutConfigError(f"a shift of {int(magnitude.max())} frames passes the model's RoPE table of "
+                                     f"{self.max_frames} frames")
+        cos_t = self.cos_tables[0][magnitude]
+        sin_t = self.sin_tables[0][magnitude] * torch.sign(delta).to(cos_t.device, cos_t.dtype).unsqueeze(-1)
+        rest = x.shape[-1] - self.time_dim
+        cos = torch.cat([cos_t, cos_t.new_ones(*cos_t.shape[:-1], rest)], dim=-1).unsqueeze(-2)
+        sin = torch.cat([sin_t, sin_t.new_zeros(*sin_t.shape[:-1], rest)], dim=-1).unsqueeze(-2)
+        return apply_rotary(x, cos.to(x.device), sin.to(x.device))
+
+
 class ForwardState:
     """What the processors and the RoPE hook need during one adapter forward (set, then cleared)."""
 
     def __init__(self) -> None:
         self.cache: KVCache | None = None
-        self.num_tokens = 0
-        self.write_index: Any = None
-        self.key_mask: torch.Tensor | None = None
         self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
-        #: raw mode: tables ``[B, S + n, 1, D]`` for every key read (None: keys are stored after RoPE)
-        self.key_rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def clear(self) -> None:
         self.__init__()
@@ -82,8 +117,9 @@ class AbsoluteRopeHook(ModelHook):
 
 
 class CachedWanAttnProcessor:
-    """Self-attention of one Wan block against the KV cache (keys stored after RoPE, or raw and rotated
-    on read when the forward state carries key tables)."""
+    """Self-attention of one Wan block against the KV cache: projections and q/k norms as diffusers'
+    ``WanAttnProcessor``, then one call, :meth:`KVCache.attend` (RoPE, in-layer hooks, cache write,
+    attention per head group)."""
 
     _attention_backend = None
     _parallel_config = None
@@ -93,6 +129,12 @@ class CachedWanAttnProcessor:
         self.state = state
         self._stock = WanAttnProcessor()
 
+    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        """``[B, n, h, D]`` attention of ``query`` to ``key``/``value`` ``[B, S, h, D]`` under ``mask``."""
+        return dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
+                                     backend=self._attention_backend)
+
     def __call__(
         self,
         attn: torch.nn.Module,
@@ -101,8 +143,8 @@ class CachedWanAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        state = self.state
-        if state.cache is None:  # not inside an adapter forward: stock behaviour
+        cache = self.state.cache
+        if cache is None:  # not inside an adapter forward: stock behaviour
             return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
@@ -111,20 +153,7 @@ class CachedWanAttnProcessor:
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        key_rotary = state.key_rotary
-        if rotary_emb is not None:
-            query = apply_rotary(query, *rotary_emb)
-            if key_rotary is None:
-                key = apply_rotary(key, *rotary_emb)
-        cache = state.cache
-        cache.write(self.layer, key, value, state.write_index)
-        keys, values = cache.read(self.layer, state.num_tokens)
-        if key_rotary is not None:
-            keys = apply_rotary(keys, *key_rotary)
-        out = dispatch_attention_fn(
-            query, keys, values, attn_mask=state.key_mask, dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend,
-        )
+        out = cache.attend(self.layer, query, key, value, attention=self.attention)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -146,19 +175,22 @@ def masked_forward(
     hidden_states: torch.Tensor,
     timestep: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """One full forward of a stock Wan model with a self-attention mask.
 
     Every ``blocks[i].attn1`` temporarily gets diffusers' own ``WanAttnProcessor`` with ``attention_mask``
-    (bool ``[B or 1, 1, L, L]``, True = may attend) injected; processors are restored afterwards. Used as
-    the equivalence oracle and for block-causal training.
+    (bool ``[B or 1, 1 or H, L, L]``, True = may attend; or one such mask per block) injected; processors are
+    restored afterwards. Used as the equivalence oracle and for block-causal training.
     """
+    masks = list(attention_mask) if isinstance(attention_mask, (list, tuple)) else [attention_mask] * len(model.blocks)
+    if len(masks) != len(model.blocks):
+        raise ParameterError(f"{len(masks)} attention masks for a model of {len(model.blocks)} blocks")
     originals = [block.attn1.processor for block in model.blocks]
     hooks = _suspend_rope_hook(model)
     try:
-        for block in model.blocks:
-            block.attn1.set_processor(_MaskedProcessor(attention_mask))
+        for block, mask in zip(model.blocks, masks):
+            block.attn1.set_processor(_MaskedProcessor(mask))
         return model(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
                      return_dict=False)[0]
     finally:
@@ -175,35 +207,6 @@ def _suspend_rope_hook(model: torch.nn.Module):
         return lambda: None
     registry.remove_hook(ROPE_HOOK_NAME, recurse=False)
     return lambda: registry.register_hook(hook, ROPE_HOOK_NAME)
-
-
-def raw_key_rotary(cache: KVCache, num_frames: int, rope_start: int, token_rows: int, token_cols: int,
-                   cos_tables: Sequence[torch.Tensor], sin_tables: Sequence[torch.Tensor],
-                   rope_positions: torch.Tensor | None, max_frames: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-key RoPE tables ``[B, S + n, 1, head_dim]`` for a raw-mode cache (None in absolute mode).
-
-    Built once per adapter forward: every key position gets the tables of its (rope position, row, col),
-    resident tokens at their ``rope_pos`` or ``rope_positions`` (``[B, S]``), the call's own ``n`` tokens
-    at ``rope_start ..``. ``cos_tables``/``sin_tables`` are the rotary module's per-axis tables.
-    """
-    if cache.rope_mode != "raw":
-        if rope_positions is not None:
-            raise ParameterError("rope_positions re-rotate cached keys: they need a cache with rope_mode='raw' "
-                                 "(keys are stored after RoPE in the default 'absolute' mode)")
-        return None
-    if rope_positions is not None and rope_positions.numel() and (
-            int(rope_positions.min()) < 0 or int(rope_positions.max()) >= max_frames):
-        raise RolloutConfigError(f"override RoPE positions {int(rope_positions.min())}..{int(rope_positions.max())} "
-                                 f"are outside the model's table of {max_frames} frames")
-    own = metadata_for_chunk(cache.batch_size, rope_start, num_frames, token_rows, token_cols, 0,
-                             device=cache.device)
-    meta = cache.key_positions(own, rope_positions)
-    device = cos_tables[0].device
-    pos, row, col = (meta[name].to(device) for name in ("rope_pos", "row", "col"))
-    out = []
-    for tables in (cos_tables, sin_tables):
-        out.append(torch.cat([tables[0][pos], tables[1][row], tables[2][col]], dim=-1).unsqueeze(2))
-    return out[0], out[1]
 
 
 def block_causal_mask(frames_per_block: int, num_frames: int, tokens_per_frame: int,
@@ -295,8 +298,8 @@ class WanAdapter(ModelAdapter):
         # rotary tables per axis, [max_seq_len, dim_axis] (float64 like diffusers on CPU/CUDA)
         rope = model.rope
         split = [rope.t_dim, rope.h_dim, rope.w_dim]
-        self._cos = rope.freqs_cos.split(split, dim=1)
-        self._sin = rope.freqs_sin.split(split, dim=1)
+        #: the model's rotary embedding for the cache (per-axis tables, float64 like diffusers on CPU/CUDA)
+        self.rope = WanRotary(rope.freqs_cos.split(split, dim=1), rope.freqs_sin.split(split, dim=1))
 
     # ------------------------------------------------------------------------------------ lifecycle
     def detach(self) -> WanTransformer3DModel:
@@ -312,12 +315,13 @@ class WanAdapter(ModelAdapter):
         param = self.model.patch_embedding.weight
         return embeddings.to(device=param.device, dtype=param.dtype)
 
-    def new_cache(self, batch_size: int, *, rope_mode: str = "absolute") -> KVCache:
+    def new_cache(self, batch_size: int, *, rope_mode: str = "absolute", branches: int = 1) -> KVCache:
         info = self.info
         param = self.model.patch_embedding.weight
-        return KVCache(info.num_layers, batch_size, info.num_heads, info.head_dim, info.token_cols,
-                       device=param.device, dtype=param.dtype, capacity=2 * info.tokens_per_chunk,
-                       rope_mode=rope_mode)
+        cache = KVCache(info.num_layers, batch_size, info.num_heads, info.head_dim, info.token_cols,
+                        device=param.device, dtype=param.dtype, rope_mode=rope_mode, branches=branches)
+        cache.rotary = self.rope
+        return cache
 
     def check_rollout(self, num_frames: int, batch_size: int) -> None:
         limit = self.info.max_frames
@@ -338,45 +342,17 @@ class WanAdapter(ModelAdapter):
         rows, cols = self.info.token_rows, self.info.token_cols
         num_frames = frames.shape[0]
         out = []
-        for tables in (self._cos, self._sin):
+        for tables in (self.rope.cos_tables, self.rope.sin_tables):
             t = tables[0][frames].view(num_frames, 1, 1, -1).expand(num_frames, rows, cols, -1)
             h = tables[1][:rows].view(1, rows, 1, -1).expand(num_frames, rows, cols, -1)
             w = tables[2][:cols].view(1, 1, cols, -1).expand(num_frames, rows, cols, -1)
             out.append(torch.cat([t, h, w], dim=-1).reshape(1, num_frames * rows * cols, 1, -1))
         return out[0], out[1]
 
-    def forward(self, latent: torch.Tensor, timesteps: torch.Tensor, frame_start: int, chunk: int,
-                cache: KVCache, conditioning: torch.Tensor, commit: bool, *,
-                rope_start: int | None = None, visible: torch.Tensor | None = None,
-                rope_positions: torch.Tensor | None = None) -> torch.Tensor:
-        rope_start = frame_start if rope_start is None else rope_start
-        num_frames = latent.shape[2]
-        num_tokens = num_frames * self.info.tokens_per_frame
-        cache.reserve(num_tokens)
-        out = self._run(latent, timesteps, rope_start, cache, conditioning, cache.key_mask(num_tokens, visible),
-                        rope_positions=rope_positions)
-        if commit:
-            info = self.info
-            cache.commit(metadata_for_chunk(latent.shape[0], frame_start, num_frames, info.token_rows,
-                                            info.token_cols, chunk, rope_start=rope_start, device=cache.device))
-        return out
-
-    def reencode(self, latent: torch.Tensor, timesteps: torch.Tensor, frame_start: int, cache: KVCache,
-                 conditioning: torch.Tensor, *, rope_start: int | None = None) -> int:
-        rope_start = frame_start if rope_start is None else rope_start
-        num_frames = latent.shape[2]
-        num_tokens = num_frames * self.info.tokens_per_frame
-        cache.reserve(num_tokens)
-        self._run(latent, timesteps, rope_start, cache, conditioning,
-                  cache.reencode_mask(num_tokens, frame_start, num_frames))
-        return cache.replace_frames(frame_start, num_frames, self.info.tokens_per_frame)
-
-    def _run(self, latent: torch.Tensor, timesteps: torch.Tensor, rope_start: int, cache: KVCache,
-             conditioning: torch.Tensor, key_mask: torch.Tensor | None, *,
-             rope_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """One model call on ``latent`` ``[B, C, F, H, W]`` whose keys/values go to the provisional slot;
-        ``key_mask`` (``[B, 1, 1, S + n]`` or None) says which cached keys each sample sees;
-        ``rope_positions`` (``[B, S]``, raw mode) re-rotates resident keys."""
+    def forward(self, latent: torch.Tensor, timesteps: torch.Tensor, call: ForwardCall, cache: KVCache,
+                conditioning: torch.Tensor) -> torch.Tensor:
+        """One model call on ``latent`` ``[B, C, F, H, W]`` (timesteps ``[B, F]``) against ``cache``; its keys and
+        values go to the provisional slot of ``call.branch``'s cells (see :meth:`ModelAdapter.forward`)."""
         info = self.info
         batch, channels, num_frames, height, width = latent.shape
         if (channels, height, width) != (info.latent_channels, info.latent_height, info.latent_width):
@@ -390,31 +366,34 @@ class WanAdapter(ModelAdapter):
             raise CacheShapeError(f"conditioning for {conditioning.shape[0]} samples, latent has {batch}")
         if tuple(timesteps.shape) != (batch, num_frames):
             raise CacheShapeError(f"timesteps of shape {tuple(timesteps.shape)}: want [B, F] = {[batch, num_frames]}")
+        if num_frames != call.num_frames:
+            raise CacheShapeError(f"a latent of {num_frames} frames for a call of {call.num_frames}")
+        rope_start = call.rope_start
         if rope_start < 0 or rope_start + num_frames > info.max_frames:
             raise RolloutConfigError(
                 f"RoPE frame positions {rope_start}..{rope_start + num_frames - 1} are outside the model's "
                 f"table of {info.max_frames} frames"
             )
-        num_tokens = num_frames * info.tokens_per_frame
-        frames = torch.arange(rope_start, rope_start + num_frames, device=self._cos[0].device)
-        own = self._chunk_mask(num_frames, cache.device)
-        if own is not None:  # the resident context as key_mask says, the given structure inside the chunk
-            context = torch.ones(1, 1, num_tokens, cache.max_length, dtype=torch.bool, device=cache.device)
-            full = torch.cat([context, own], dim=-1)
-            key_mask = full if key_mask is None else full & key_mask
+        if call.rope_positions is not None and call.rope_positions.numel():
+            positions = call.rope_positions.to(cache.device)[cache.view().valid]  # entries past a length: unused
+            if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= info.max_frames):
+                raise RolloutConfigError(
+                    f"override RoPE positions {int(positions.min())}..{int(positions.max())} are outside the "
+                    f"model's table of {info.max_frames} frames")
+        frames = torch.arange(rope_start, rope_start + num_frames, device=self.rope.cos_tables[0].device)
+        own_tables = self.rotary(frames)
+        own_positions = metadata_for_chunk(batch, rope_start, num_frames, info.token_rows, info.token_cols, 0,
+                                           device=cache.device)
         state = self._state
-        state.cache = cache
-        state.num_tokens = num_tokens
-        state.write_index = cache.write_index(num_tokens)
-        state.key_mask = key_mask
-        state.rotary = self.rotary(frames)
-        state.key_rotary = raw_key_rotary(cache, num_frames, rope_start, info.token_rows, info.token_cols,
-                                          self._cos, self._sin, rope_positions, info.max_frames)
-        try:
-            with torch.no_grad():
-                return self._model_call(latent, timesteps, conditioning)
-        finally:
-            state.clear()
+        with cache.forward(call, rotary=self.rope, own_tables=own_tables, own_positions=own_positions,
+                           own_mask=self._chunk_mask(num_frames, cache.device)):
+            state.cache = cache
+            state.rotary = own_tables
+            try:
+                with torch.no_grad():
+                    return self._model_call(latent, timesteps, conditioning)
+            finally:
+                state.clear()
 
     def _model_call(self, latent: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
         """The stock model's forward on a chunk, timesteps ``[B, F]`` on the CPU: a ``(B,)`` timestep when the

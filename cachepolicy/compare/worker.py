@@ -55,7 +55,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         record: dict[str, Any] = {"job_id": job.id, "model": job.model, "policy": job.policy, "prompt": job.prompt,
                                   "seed": job.seed, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
                                   "seconds": time.perf_counter() - started}
-        for name in ("policy", "distribution"):  # a policy hook's failure names the policy to blame
+        for name in ("policy", "hook", "distribution"):  # a policy hook's failure names the policy to blame
             if getattr(exc, name, None) is not None and isinstance(exc, CachePolicyError):
                 record[f"failed_{name}"] = getattr(exc, name)
         return record

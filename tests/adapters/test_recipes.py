@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from cachepolicy.adapters.wan.tiny import load_tiny_wan
 from tests.adapters.original import OriginalBuffer, project_qkv, rotate
 from cachepolicy.api import build_policies
-from cachepolicy.engine import PromptSwitch, RolloutConfig, Session, noise_seed
+from cachepolicy.engine import PromptSwitch, RolloutConfig, Session
+from cachepolicy.noise import noise_seed
 from cachepolicy.errors import RolloutConfigError
 from cachepolicy.models import table_sigma
 from cachepolicy.recipes import get_recipe, merge_policy_specs

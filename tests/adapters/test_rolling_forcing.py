@@ -20,8 +20,10 @@ import torch.nn.functional as F
 import cachepolicy.adapters.wan.adapter as wan_adapter
 from cachepolicy.adapters.wan.tiny import load_tiny_wan
 from tests.adapters.original import OriginalBuffer, project_qkv, rotate
+from tests.oracle import adapter_forward, layer_keys
 from cachepolicy.api import build_policies
-from cachepolicy.engine import RolloutConfig, Session, noise_seed
+from cachepolicy.engine import RolloutConfig, Session
+from cachepolicy.noise import noise_seed
 from cachepolicy.errors import ParameterError
 from cachepolicy.recipes import Recipe, get_recipe, merge_policy_specs
 
@@ -66,9 +68,9 @@ def test_raw_read_with_overridden_positions_rotates_keys_by_hand(monkeypatch):
     shape = (2, info.latent_channels, frames, info.latent_height, info.latent_width)
     for chunk in range(2):
         latent = torch.randn(shape, generator=generator)
-        adapter.forward(latent, torch.zeros(2, frames), chunk * frames, chunk, cache, cond, True)
+        adapter_forward(adapter, latent, torch.zeros(2, frames), chunk * frames, chunk, cache, cond, True)
     size = cache.max_length
-    raw_keys = cache.k[0, :, :size].clone()  # layer 0, stored before RoPE
+    raw_keys = layer_keys(cache, 0)[:, :size].clone()  # layer 0, stored before RoPE
     view = cache.view()
     override = torch.where(view.chunk == 0, view.frame + 7, view.rope_pos)  # chunk 0 to positions 7..9
 
@@ -81,7 +83,7 @@ def test_raw_read_with_overridden_positions_rotates_keys_by_hand(monkeypatch):
 
     monkeypatch.setattr(wan_adapter, "dispatch_attention_fn", spy)
     latent = torch.randn(shape, generator=generator)
-    adapter.forward(latent, torch.full((2, frames), 500.0), 2 * frames, 2, cache, cond, False,
+    adapter_forward(adapter, latent, torch.full((2, frames), 500.0), 2 * frames, 2, cache, cond, False,
                     rope_positions=override)
     keys = seen[0]  # layer 0: [B, S + n, H, D]
 
@@ -100,7 +102,7 @@ def test_raw_read_with_overridden_positions_rotates_keys_by_hand(monkeypatch):
     assert (keys[:, frames * tpf:size] - expected_chunk1).abs().max().item() <= 1e-6
     assert (keys[:, :frames * tpf] - rotate(raw_keys[:, :frames * tpf], *table(0))).abs().max().item() > 1e-3
     # the call's own keys: rotated at its positions 6..8, the same as an absolute-mode cache stores them
-    own_raw = cache.k[0, :, size:size + frames * tpf]
+    own_raw = layer_keys(cache, 0)[:, size:size + frames * tpf]
     assert (keys[:, size:] - rotate(own_raw, *table(2 * frames))).abs().max().item() <= 1e-6
 
 
@@ -110,9 +112,9 @@ def test_rope_positions_need_a_raw_cache():
     cache = adapter.new_cache(1)
     cond = adapter.encode_prompts(["a"])
     latent = torch.zeros(1, info.latent_channels, 3, info.latent_height, info.latent_width)
-    adapter.forward(latent, torch.zeros(1, 3), 0, 0, cache, cond, True)
+    adapter_forward(adapter, latent, torch.zeros(1, 3), 0, 0, cache, cond, True)
     with pytest.raises(ParameterError, match="rope_mode='raw'"):
-        adapter.forward(latent, torch.zeros(1, 3), 3, 1, cache, cond, False,
+        adapter_forward(adapter, latent, torch.zeros(1, 3), 3, 1, cache, cond, False,
                         rope_positions=cache.view().rope_pos)
 
 
@@ -369,4 +371,4 @@ def test_rolling_window_guidance_zero_is_the_empty_prompt_run():
     assert any(r["retries"] > 0 for r in empty.trace), [r["retries"] for r in empty.trace]
     assert [r["retries"] for r in guided.trace] == [r["retries"] for r in empty.trace]
     assert torch.allclose(guided.latents, empty.latents, atol=1e-5)
-    assert session.unconditional_cache.lengths == session.cache.lengths
+    assert session.cache.branches == 2 and not session.cache.split

@@ -18,10 +18,11 @@ from safetensors.torch import load_file, save_file
 
 import cachepolicy as cp
 from cachepolicy.adapters.skyreels.adapter import SkyReelsV2Adapter, load_tiny_skyreels, masked_forward
+from tests.oracle import adapter_forward, layer_keys
 from cachepolicy.adapters.wan.adapter import block_causal_mask
 from cachepolicy.errors import CacheShapeError, CheckpointError, ParameterError
 from cachepolicy.models import Sampler
-from tests.oracle import oracle_mask, run_recorded
+from tests.oracle import oracle_masks, run_recorded
 
 TOLERANCE = 1e-5  # fp32
 FAST = Sampler(denoising_steps=(1000, 500))
@@ -42,7 +43,9 @@ def replay(adapter: SkyReelsV2Adapter, result, records, *, own_mask: bool = Fals
         timesteps = torch.tensor([0.0] * (c * F) + [fwd["timestep"]] * F).expand(batch, -1)
         mask = None
         if not own_mask:
-            mask = oracle_mask(c, F, tpf, records["commits"], fwd["resident"], batch)
+            masks = oracle_masks(c, F, tpf, records["commits"], fwd["resident"], batch)
+            mask = masks[0][:, :1]  # per-token policies: every layer and head holds the same tokens
+            assert all(torch.equal(m, mask.expand_as(m)) for m in masks)
             if 1 < block < F:  # causal blocks inside a chunk, as the stock model has them
                 mask = mask & block_causal_mask(block, (c + 1) * F, tpf)
         full = masked_forward(adapter.model, x, timesteps, conditioning, mask, fps=adapter.fps)
@@ -61,9 +64,9 @@ def test_cached_rollout_matches_stock_forward_with_keep_set_mask(registry, spec)
     result, records, _ = run_recorded(adapter, registry, spec, num_chunks=5, seeds=[0, 1], sampler=FAST)
     assert len(records["forwards"]) >= 5 * 2 and result.latents.shape[0] == 2
     if spec != "full":  # the policy really dropped tokens
-        assert min(len(ids) for ids in records["forwards"][-1]["resident"]) < 4 * 3 * adapter.info.tokens_per_frame
+        assert min(len(ids) for ids in records["forwards"][-1]["resident"][0][0]) < 4 * 3 * adapter.info.tokens_per_frame
     if spec.startswith("tokentrim"):  # samples pruned differently: the padded (key-mask) path ran
-        assert any(len({len(ids) for ids in fwd["resident"]}) > 1 for fwd in records["forwards"])
+        assert any(len({len(ids) for ids in fwd["resident"][0][0]}) > 1 for fwd in records["forwards"])
     worst = replay(adapter, result, records)
     print(f"{spec}: max |diff| = {worst:.3g}")
     assert worst <= TOLERANCE
@@ -93,7 +96,7 @@ def test_oracle_detects_a_wrong_mask(registry):
     tpf = adapter.info.tokens_per_frame
     for fwd in records["forwards"]:
         if fwd["chunk"] == 3:  # pretend the last chunk only saw the most recent 3 frames
-            fwd["resident"] = [ids[ids >= 6 * tpf] for ids in fwd["resident"]]
+            fwd["resident"] = [[[ids[ids >= 6 * tpf] for ids in head] for head in layer] for layer in fwd["resident"]]
     assert replay(adapter, result, records) > 1e-3
 
 
@@ -105,16 +108,16 @@ def test_per_frame_timesteps_equal_the_stock_diffusion_forcing_forward():
     context, chunk = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
     conditioning = adapter.encode_prompts(["a red square", "two blue circles"])
     cache = adapter.new_cache(2)
-    adapter.forward(context, torch.zeros(2, F), 0, 0, cache, conditioning, True)
+    adapter_forward(adapter, context, torch.zeros(2, F), 0, 0, cache, conditioning, True)
     timesteps = torch.tensor([[900.0, 500.0, 100.0], [800.0, 400.0, 50.0]])
-    out = adapter.forward(chunk, timesteps, F, 1, cache, conditioning, False)
+    out = adapter_forward(adapter, chunk, timesteps, F, 1, cache, conditioning, False)
     full_t = torch.cat([torch.zeros(2, F), timesteps], dim=1)
     stock = masked_forward(adapter.model, torch.cat([context, chunk], dim=2), full_t, conditioning, None)
     assert float((stock[:, :, F:] - out).abs().max()) <= TOLERANCE
-    uniform = adapter.forward(chunk, torch.full((2, F), 500.0), F, 1, cache, conditioning, False)
+    uniform = adapter_forward(adapter, chunk, torch.full((2, F), 500.0), F, 1, cache, conditioning, False)
     assert float((uniform - out).abs().max()) > 1e-3  # the per-frame values matter
     with pytest.raises(CacheShapeError, match="want \\[B, F\\]"):
-        adapter.forward(chunk, torch.zeros(2), F, 1, cache, conditioning, False)
+        adapter_forward(adapter, chunk, torch.zeros(2), F, 1, cache, conditioning, False)
 
 
 def test_rope_start_positions_and_metadata():
@@ -123,13 +126,14 @@ def test_rope_start_positions_and_metadata():
     conditioning = adapter.encode_prompts(["x"])
     caches = [adapter.new_cache(1) for _ in range(3)]
     timesteps = torch.full((1, 3), 250.0)
-    a = adapter.forward(latent, timesteps, 0, 0, caches[0], conditioning, True)
-    b = adapter.forward(latent, timesteps, 6, 2, caches[1], conditioning, True, rope_start=0)
-    adapter.forward(latent, timesteps, 6, 2, caches[2], conditioning, True)
+    a = adapter_forward(adapter, latent, timesteps, 0, 0, caches[0], conditioning, True)
+    b = adapter_forward(adapter, latent, timesteps, 6, 2, caches[1], conditioning, True, rope_start=0)
+    adapter_forward(adapter, latent, timesteps, 6, 2, caches[2], conditioning, True)
     assert torch.equal(a, b)
     tpc = 3 * adapter.info.tokens_per_frame
-    assert torch.equal(caches[0].k[:, :, :tpc], caches[1].k[:, :, :tpc])  # keys rotated to frames 0..2
-    assert float((caches[0].k[:, :, :tpc] - caches[2].k[:, :, :tpc]).abs().max()) > 1e-2  # ... not 6..8
+    keys = [torch.stack([layer_keys(c, layer)[:, :tpc] for layer in range(adapter.info.num_layers)]) for c in caches]
+    assert torch.equal(keys[0], keys[1])  # keys rotated to frames 0..2
+    assert float((keys[0] - keys[2]).abs().max()) > 1e-2  # ... not 6..8
     view = caches[1].view()
     assert view.frame[0].unique().tolist() == [6, 7, 8] and view.rope_pos[0].unique().tolist() == [0, 1, 2]
 

@@ -36,7 +36,7 @@ def test_oracle_detects_a_wrong_mask(tiny_wan, registry):
     tpf = adapter.info.tokens_per_frame
     for fwd in records["forwards"]:
         if fwd["chunk"] == 3:
-            fwd["resident"] = [ids[ids >= 6 * tpf] for ids in fwd["resident"]]
+            fwd["resident"] = [[[ids[ids >= 6 * tpf] for ids in head] for head in layer] for layer in fwd["resident"]]
     assert check_rollout_against_full_forward(adapter, result, records) > 1e-3
 
 

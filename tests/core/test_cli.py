@@ -33,6 +33,16 @@ def test_run_writes_latents_run_json_and_trace(tmp_path, capsys):
     assert run["weights"] == module_weights_id(load_model("tiny-wan").model)
     trace = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
     assert [r["chunk"] for r in trace] == [0, 1, 2, 3]
+    assert "residency" not in trace[-1]
+
+
+def test_run_traces_the_resident_tokens_on_request(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "tiny-wan", "--policy", "attention-sink:frames=3+sliding-window:frames=3", "--chunks", "4",
+                 "--trace-residency", "--out", str(out)]) == 0
+    trace = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
+    assert [sorted(map(int, r["residency"][0]["frames"])) for r in trace] == [
+        [0, 1, 2], [0, 1, 2, 3, 4, 5], [0, 1, 2, 6, 7, 8], [0, 1, 2, 9, 10, 11]]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -134,30 +144,16 @@ def test_run_refuses_bad_video_columns_before_writing(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_a_policy_hook_error_marks_the_run_failed_in_one_line_and_keeps_the_chunks(tmp_path, capsys, monkeypatch):
-    """The engine raises :class:`PolicyHookError` naming the policy and its distribution; the CLI prints one line,
-    exits 3, and the run folder keeps the chunks finished before it."""
-    from cachepolicy.engine import Session
-    from cachepolicy.errors import PolicyHookError
-
-    real = Session._run_chunk
-
-    def chunk(self, index):
-        if index == 2:
-            raise PolicyHookError("policy 'sliding-window:frames=3' (distribution demo-plugins): cachepolicy_select "
-                                  "raised ValueError: boom", policy="sliding-window:frames=3",
-                                  distribution="demo-plugins")
-        return real(self, index)
-
-    monkeypatch.setattr(Session, "_run_chunk", chunk)
+def test_a_policy_hook_error_marks_the_run_failed_in_one_line_and_keeps_the_chunks(tmp_path, capsys, broken_policy):
+    """A policy's hook raises: the engine's :class:`PolicyHookError` names the policy and the hook; the CLI prints
+    one line, exits 3, and the run folder keeps the chunks finished before it."""
     out = tmp_path / "run"
-    assert main(["run", "tiny-wan", "--policy", "sliding-window:frames=3", "--chunks", "4", "--out", str(out)]) == 3
+    assert main(["run", "tiny-wan", "--policy", "broken:chunk=2", "--chunks", "4", "--out", str(out)]) == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: policy 'sliding-window:frames=3' (distribution demo-plugins): cachepolicy_select raised "
-                   "ValueError: boom"]
+    assert err == ["error: policy 'broken:chunk=2' failed in cachepolicy_chunk_start: KeyError: 'oops'"]
     run = json.loads((out / "run.json").read_text())
     assert (run["status"], run["chunks_completed"]) == ("failed", 2)
-    assert (run["failed_policy"], run["failed_distribution"]) == ("sliding-window:frames=3", "demo-plugins")
+    assert (run["failed_policy"], run["failed_hook"]) == ("broken:chunk=2", "cachepolicy_chunk_start")
     assert load_file(out / "latents.safetensors")["latents"].shape[2] == 6
     assert len((out / "trace.jsonl").read_text().splitlines()) == 2
 

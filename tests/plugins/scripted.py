@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from cachepolicy.cache import KVCache, metadata_for_chunk
+from cachepolicy.cache import KVCache
+from cachepolicy.layers import ForwardCall
 from cachepolicy.models import ModelAdapter, ModelInfo, Sampler
 
 ONE_STEP = Sampler(denoising_steps=(1000.0,), warp=False)
@@ -39,23 +40,22 @@ class ScriptedAdapter(ModelAdapter):
     def encode_prompts(self, prompts: Sequence[str]) -> Any:
         return None
 
-    def new_cache(self, batch_size: int) -> KVCache:
+    def new_cache(self, batch_size: int, *, rope_mode: str = "absolute", branches: int = 1) -> KVCache:
         self.committed = [0] * batch_size
-        return KVCache(1, batch_size, 1, 1, self.info.token_cols)
+        return KVCache(1, batch_size, 1, 1, self.info.token_cols, rope_mode=rope_mode, branches=branches)
 
     def check_rollout(self, num_frames: int, batch_size: int) -> None:
         return None
 
-    def forward(self, latent: torch.Tensor, timesteps: torch.Tensor, frame_start: int, chunk: int,
-                cache: KVCache, conditioning: Any, commit: bool, *, rope_start: int | None = None) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor, timesteps: torch.Tensor, call: ForwardCall, cache: KVCache,
+                conditioning: Any) -> torch.Tensor:
         batch = latent.shape[0]
         cache.reserve(self.info.tokens_per_chunk)  # room for the provisional slot, as a real adapter makes
-        target = torch.tensor([list(self.script(b, chunk, cache.lengths[b] < self.committed[b]))
-                               for b in range(batch)], dtype=torch.float32).view(batch, 1, 1, 1, -1)
-        if commit:
-            cache.commit(metadata_for_chunk(batch, frame_start, 1, 1, self.info.token_cols, chunk))
+        if call.context:  # the engine commits the chunk right after
             self.committed = [n + self.info.token_cols for n in self.committed]
             return torch.zeros_like(latent)
+        target = torch.tensor([list(self.script(b, call.chunk, cache.lengths[b] < self.committed[b]))
+                               for b in range(batch)], dtype=torch.float32).view(batch, 1, 1, 1, -1)
         return latent - target  # v, so that x0 = x - 1.0 * v = target
 
     def token_grid(self, latent: torch.Tensor) -> torch.Tensor:

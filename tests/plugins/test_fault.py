@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cachepolicy.engine import RolloutConfig, Session
+from tests.oracle import stacked
 from cachepolicy.errors import ParameterError
 from cachepolicy.models import Sampler
 from cachepolicy.plugins.fault import Fault, parse_range, swap_sources
@@ -95,7 +96,7 @@ def test_kv_fault_touches_only_chunk_k_at_the_positions(tiny_wan, registry, mode
     assert int(hit.sum()) == 2 * 3 * 4  # 2 samples x 3 frames x 4 positions
     n = faulty.cache.max_length
     for name in ("k", "v"):
-        before, after = getattr(clean.cache, name)[:, :, :n], getattr(faulty.cache, name)[:, :, :n]
+        before, after = stacked(clean.cache, name)[:, :, :n], stacked(faulty.cache, name)[:, :, :n]
         changed = (before != after).any(dim=-1).any(dim=-1)  # [layers, B, S]
         assert torch.equal(changed.any(dim=0), hit), name  # nothing else changed
         assert bool(changed[:, hit].all()), name  # every layer changed at the chosen tokens
@@ -129,12 +130,15 @@ def test_kv_fault_under_guidance_corrupts_both_branches_caches(tiny_wan, registr
     clean, faulty = sessions
     hit = chunk_tokens(faulty, 1, [4, 5, 8, 9])
     n = faulty.cache.max_length
-    for clean_cache, faulty_cache in zip(clean.caches, faulty.caches, strict=True):
+    assert clean.cache.branches == faulty.cache.branches == 2
+    for branch in (0, 1):
         for name in ("k", "v"):
-            before, after = getattr(clean_cache, name)[:, :, :n], getattr(faulty_cache, name)[:, :, :n]
+            before = stacked(clean.cache, name, branch)[:, :, :n]
+            after = stacked(faulty.cache, name, branch)[:, :, :n]
             changed = (before != after).any(dim=-1).any(dim=-1).any(dim=0)  # [B, S]
-            assert torch.equal(changed, hit) and bool((after[:, hit] == 3.0).all()), name
-    assert not torch.equal(clean.cache.k, clean.unconditional_cache.k)  # two branches, two caches
+            assert torch.equal(changed, hit) and bool((after[:, hit] == 3.0).all()), (branch, name)
+    # two branches, two sets of keys
+    assert not torch.equal(stacked(clean.cache, "k", 0)[:, :, :n], stacked(clean.cache, "k", 1)[:, :, :n])
 
 
 @pytest.mark.parametrize("mode", ["noise", "constant", "swap"])

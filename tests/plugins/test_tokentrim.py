@@ -350,10 +350,10 @@ def test_sink_tokens_are_never_pruned(tiny_wan, registry):
     sink = set(range(3 * tpf))
     for fwd in records["forwards"]:
         if fwd["chunk"] > 0:
-            for resident in fwd["resident"]:
+            for resident in fwd["resident"][0][0]:
                 assert sink <= set(resident.tolist()), (fwd["chunk"], fwd["attempt"])
     for chunk, resident_sets in records["commits"].items():
-        for resident in resident_sets:
+        for resident in resident_sets[0][0]:
             if chunk > 0:
                 assert sink <= set(resident.tolist()), chunk
 
@@ -372,7 +372,7 @@ def test_window_and_pruning_leave_exactly_the_expected_tokens(tiny_wan, registry
             c = record["chunk"]
             pruned = set(record["pruned_positions"][b])
             expected = {(f, s) for f, s in expected if s not in pruned}           # TokenTrim, before commit
-            got = {(int(i) // tpf, int(i) % tpf) for i in records["commits"][c][b]}
+            got = {(int(i) // tpf, int(i) % tpf) for i in records["commits"][c][0][0][b]}
             assert got == expected, (b, c)
             expected |= {(f, s) for f in range(c * F, (c + 1) * F) for s in range(tpf)}  # commit
             newest = (c + 1) * F - 1

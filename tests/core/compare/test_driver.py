@@ -7,8 +7,6 @@ import json
 
 from cachepolicy.cli import main
 from cachepolicy.compare import CompareConfig, ResultsStore, run_compare
-from cachepolicy.compare import worker
-from cachepolicy.errors import PolicyHookError
 
 FAULT = "fault:chunk=0,target=latent,mode=constant,scale=3e38"  # the next chunk's model output overflows
 
@@ -38,24 +36,16 @@ def test_failing_jobs_are_recorded_the_others_run_and_the_report_is_written(tmp_
     assert len(ResultsStore(out / "results.jsonl").load()) == 4
 
 
-def test_a_job_that_failed_once_is_replaced_by_its_finished_line(tmp_path, monkeypatch):
-    config = CompareConfig(model="tiny-wan", policies=["full", "sliding-window:frames=3"], prompts=["a red fox"],
+def test_a_job_that_failed_once_is_replaced_by_its_finished_line(tmp_path, monkeypatch, broken_policy):
+    config = CompareConfig(model="tiny-wan", policies=["full", "broken:chunk=1"], prompts=["a red fox"],
                            seeds=[0], num_chunks=2, metrics=["cache-tokens"])
-    real = worker._run_job
-
-    def hook_fails(job, payload):
-        if job.policy == "sliding-window:frames=3":
-            raise PolicyHookError("policy 'sliding-window:frames=3' (from demo-plugins) raised ValueError in "
-                                  "cachepolicy_select", policy="sliding-window:frames=3", distribution="demo-plugins")
-        return real(job, payload)
-
-    monkeypatch.setattr(worker, "_run_job", hook_fails)
     summary = run_compare(config, tmp_path / "cmp")
-    assert summary["jobs_failed"] == 1 and summary["failed"][0]["policy"] == "sliding-window:frames=3"
+    assert summary["jobs_failed"] == 1 and summary["failed"][0]["policy"] == "broken:chunk=1"
+    assert summary["failed"][0]["error"] == ("PolicyHookError: policy 'broken:chunk=1' failed in "
+                                             "cachepolicy_chunk_start: KeyError: 'oops'")
     failed = [r for r in ResultsStore(tmp_path / "cmp" / "results.jsonl").load() if r["status"] == "failed"]
-    assert failed[0]["failed_policy"] == "sliding-window:frames=3"
-    assert failed[0]["failed_distribution"] == "demo-plugins"
-    monkeypatch.setattr(worker, "_run_job", real)
+    assert (failed[0]["failed_policy"], failed[0]["failed_hook"]) == ("broken:chunk=1", "cachepolicy_chunk_start")
+    monkeypatch.setattr(broken_policy, "cachepolicy_chunk_start", lambda self, session, chunk: None)  # fixed
     summary = run_compare(config, tmp_path / "cmp")
     assert (summary["jobs_done"], summary["jobs_failed"]) == (2, 0)
     records = ResultsStore(tmp_path / "cmp" / "results.jsonl").load()
