@@ -265,6 +265,18 @@ def test_model_is_a_shorthand_and_old_config_folders_still_report(tmp_path, caps
     assert "report.html" in capsys.readouterr().out
 
 
+def test_a_damaged_preview_is_left_out_of_the_videos_and_named(tmp_path, caplog):
+    out = tmp_path / "cmp"
+    run_compare(config(policies=["full", "sliding-window:frames=3"], seeds=[0], num_chunks=2,
+                       metrics=("cache-tokens",)), out)
+    (preview,) = [p for p in out.glob("jobs/*/preview.npy")][:1]
+    preview.write_bytes(preview.read_bytes()[:100])  # truncated
+    with caplog.at_level("WARNING"):
+        assert main(["report", str(out)]) == 0
+    assert f"{preview} is damaged" in caplog.text and "left out of the side-by-side videos" in caplog.text
+    assert (out / "videos" / "prompt0-seed0.gif").is_file()  # the other policy's panel is still there
+
+
 def test_default_metrics_are_those_of_every_model():
     from cachepolicy.compare import default_metrics
 

@@ -97,6 +97,7 @@ CASES = [
     ("run-out-is-file", RUN, "out_file", ["exists and is not a folder"]),
     ("run-out-under-file", _set(RUN, "--out", "FILE/run"), "a_file", ["cannot be created", "is a file"]),
     ("run-out-holds-run", RUN, "out_run", ["already holds a run", "pass --force"]),
+    ("run-out-damaged-run", RUN, "out_run_damaged", ["already holds a run", "no readable run.json", "pass --force"]),
     ("run-out-foreign", [*RUN, "--force"], "out_foreign", ["notes.txt", "choose an empty or new folder"]),
     ("run-out-compare-folder", [*RUN, "--force"], "out_compare", ["config.json", "not part of a cachepolicy run"]),
     # ---- run: the command line itself
@@ -186,8 +187,10 @@ def _setup(kind: str | None, tmp_path: Path, folders: Path) -> dict[str, str]:
         return paths
     if kind in ("out_file", "a_file"):
         (out if kind == "out_file" else tmp_path / "file").write_text("not a folder\n")
-    elif kind == "out_run":
+    elif kind in ("out_run", "out_run_damaged"):
         shutil.copytree(folders / "run", out)
+        if kind == "out_run_damaged":
+            (out / "run.json").write_bytes(b"\x00garbage")
     elif kind == "out_foreign":
         out.mkdir()
         (out / "notes.txt").write_text("mine\n")
@@ -251,6 +254,7 @@ def test_the_suite_has_enough_bad_inputs():
 @pytest.mark.parametrize("case, fix", [
     ("run-lab-word-order", ["--prompt", LAB]),
     ("run-out-holds-run", ["--force"]),
+    ("run-out-damaged-run", ["--force"]),
     ("cmp-policy-twice", ["--policies", "full; sliding-window:frames=3"]),
     ("cmp-out-damaged-line", ["--force"]),
     ("cmp-out-damaged-config", ["--force"]),
