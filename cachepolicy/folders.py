@@ -86,11 +86,17 @@ class FolderLock:
         if self._fd is not None:
             raise RuntimeError(f"the lock of {self.folder} is already held by this object")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        attempts = 0
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                attempts += 1
+                if attempts < 10:  # a reader's look (holder_of) holds it for microseconds: try again
+                    os.close(fd)
+                    time.sleep(0.02)
+                    continue
                 holder = _read_holder(fd)
                 os.close(fd)
                 raise FolderBusyError(self.folder, holder) from None

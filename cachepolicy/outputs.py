@@ -200,11 +200,12 @@ def read_run(folder: str | Path) -> tuple[Any, dict[str, Any], list[dict[str, An
     if run.get("status") not in RUN_STATUSES:
         raise DamagedFolderError(run_path, f"status {run.get('status')!r} is none of {', '.join(RUN_STATUSES)}")
     trace_path = folder / TRACE_FILE
-    trace = [record for _, record in read_jsonl(trace_path)] if trace_path.is_file() else []
-    for index, record in enumerate(trace):
+    lines = read_jsonl(trace_path) if trace_path.is_file() else []
+    for index, (number, record) in enumerate(lines):
         if record.get("chunk") != index:
             raise DamagedFolderError(trace_path, f"chunk {record.get('chunk')!r} where chunk {index} belongs",
-                                     line=index + 1)
+                                     line=number)
+    trace = [record for _, record in lines]
     done = run.get("chunks_completed")
     if done is not None and done != len(trace):
         raise DamagedFolderError(trace_path, f"{len(trace)} chunks where {RUN_FILE} says {done}")
