@@ -18,7 +18,9 @@ logger = logging.getLogger(__name__)
 
 
 def validate(config: CompareConfig) -> None:
-    """Check every name before any job runs: each model, each policy spec (named by position), each metric."""
+    """Check everything that needs no loaded model, before anything is written: each model name and its
+    loader's options, each policy spec (named by position; the same policy twice is refused), the grid's
+    size and seeds, each metric."""
     from cachepolicy.api import build_policies
     from cachepolicy.registry import get_registry
 
