@@ -13,7 +13,9 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +32,6 @@ from cachepolicy.outputs import (
     TRACE_FILE,
     TraceWriter,
     atomic_write_json,
-    prepare_run_dir,
     read_run,
     save_latents,
 )
@@ -40,6 +41,8 @@ from cachepolicy.recipes import Recipe, get_recipe, recipe_specs
 from cachepolicy.registry import get_registry
 
 logger = logging.getLogger(__name__)
+#: one line per finished chunk of a run (the CLI shows them when stderr is not a terminal)
+progress_logger = logging.getLogger("cachepolicy.progress")
 
 __all__ = ["available_models", "available_policies", "build_policies", "load_model", "read_run", "rollout",
            "run_to_dir"]
@@ -69,12 +72,16 @@ def load_model(name: str, **options: Any) -> ModelAdapter:
 
 def build_policies(*specs: str) -> list[Policy]:
     """Policies from spec strings (``"attention-sink:frames=3+sliding-window:frames=12"``); several compose."""
+    from cachepolicy.validation import check_policy_params
+
     registry = get_registry()
     try:
-        return _build(list(specs), registry.policies)
+        policies = _build(list(specs), registry.policies)
     except UnknownNameError as exc:
         _raise_if_failed_plugin(exc.name)
         raise
+    check_policy_params(policies)
+    return policies
 
 
 def _raise_if_failed_plugin(name: str) -> None:
@@ -111,6 +118,13 @@ def _with_recipe_policies(recipe: Recipe | None, policies: list[Policy]) -> list
     return (build_policies(*extra) if extra else []) + policies
 
 
+def _write_trace(folder: Path, trace: Sequence[dict[str, Any]]) -> None:
+    """``trace.jsonl`` rewritten whole from the session's records (what was appended chunk by chunk, exactly)."""
+    from cachepolicy.outputs import atomic_write_bytes
+
+    atomic_write_bytes(folder / TRACE_FILE, "".join(json.dumps(r) + "\n" for r in trace).encode())
+
+
 def _versions() -> dict[str, str]:
     import diffusers
     import torch
@@ -144,14 +158,25 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
     ``video.mp4`` / ``video.gif`` of the decoded frames when the model has a decoder).
 
     Samples get seeds ``seed, seed+1, ...``; ``prompts`` has one entry per sample (a single prompt is
-    repeated over the batch). ``recipe`` and ``prompt_switches`` as in :func:`rollout`. The videos show
-    the samples side by side, ``video_columns`` per row (None: all in one row). On a model failure
-    (non-finite output) the chunks finished so far are written, ``run.json`` says ``"status": "failed"``,
-    and the error is raised.
+    repeated over the batch; None: the model's :attr:`~cachepolicy.models.ModelAdapter.default_prompt`).
+    ``recipe`` and ``prompt_switches`` as in :func:`rollout`. The videos show the samples side by side,
+    ``video_columns`` per row (None: all in one row).
+
+    Everything is checked before anything is written. ``out`` is locked while the run writes it
+    (:class:`~cachepolicy.folders.FolderLock`); a run that replaces another (``force``) is built beside
+    it and swapped in whole when it ends. When the rollout fails or is stopped (an exception,
+    ``KeyboardInterrupt``, :class:`~cachepolicy.errors.StopRequested`) the chunks finished so far are
+    written, ``run.json`` says ``"status": "failed"`` or ``"interrupted"``, and the error is raised.
     """
-    from cachepolicy.outputs import check_video_columns
+    from cachepolicy.folders import FolderLock, new_staging, recover_leftovers, swap_in
+    from cachepolicy.outputs import check_run_folder, check_video_columns
+    from cachepolicy.validation import INT64_MAX, check_batch_memory, check_int
 
     check_video_columns(video_columns)  # before anything runs or is written
+    check_int(batch, "batch (samples)", low=1)
+    check_int(seed, f"seed (a batch of {batch} runs seeds seed..seed+{batch - 1}, each at most 2**63 - 1)", low=0,
+              high=INT64_MAX - batch + 1)
+    check_run_folder(out, force)
     if isinstance(policies, str):
         policies = [policies]
     built: list[Policy] = []
@@ -162,18 +187,18 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
     chosen = get_recipe(recipe) if recipe is not None else None
     built = _with_recipe_policies(chosen, built)
     model_name = model if isinstance(model, str) else model.info.name
-    prompts = list(prompts) if prompts else ["a video"]
+    adapter = load_model(model, **(model_options or {})) if isinstance(model, str) else model
+    prompts = list(prompts) if prompts else [adapter.default_prompt]
+    if len(prompts) not in (1, batch):
+        raise CachePolicyError(f"{len(prompts)} prompts for a batch of {batch}: give one prompt or one per sample")
+    check_batch_memory(adapter.info, batch)
     if len(prompts) == 1:
         prompts = prompts * batch
-    if len(prompts) != batch:
-        raise CachePolicyError(f"{len(prompts)} prompts for a batch of {batch}: give one prompt or one per sample")
     seeds = [seed + b for b in range(batch)]
     config = RolloutConfig(num_chunks=num_chunks, prompts=tuple(prompts), seeds=tuple(seeds), recipe=chosen,
                            prompt_switches=tuple(prompt_switches), trace_residency=trace_residency, noise=noise)
-    adapter = load_model(model, **(model_options or {})) if isinstance(model, str) else model
     session = Session(adapter, built, config, progress=progress)
     session.check()  # fail before anything is written
-    folder = prepare_run_dir(out, force)
     info = adapter.info
     run: dict[str, Any] = {
         "model": model_name,
@@ -197,25 +222,66 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    with FolderLock(out, "cachepolicy run"):
+        recover_leftovers(out)
+        folder = check_run_folder(out, force, locked=True)  # again: another process may have written it meanwhile
+        replacing = folder.is_dir() and any(not name.startswith(".") for name in os.listdir(folder))
+        stage = new_staging(folder) if replacing else folder
+        stage.mkdir(parents=True, exist_ok=True)
+
+        def finish() -> None:  # the run, finished or stopped, takes the place of the one it replaces
+            if replacing:
+                swap_in(stage, folder)
+
+        videos = _write_run(session, adapter, stage, run, video_columns, finish)
+    return {"dir": folder, "run": folder / RUN_FILE, "trace": folder / TRACE_FILE,
+            "latents": folder / LATENTS_FILE, "videos": [folder / p.name for p in videos]}
+
+
+def _write_run(session: Session, adapter: ModelAdapter, folder: Path, run: dict[str, Any],
+               video_columns: int | None, finish: Callable[[], None]) -> list[Path]:
+    """Run ``session`` into ``folder``: ``run.json`` first, the trace as chunks finish, then the latents
+    and videos; on any exception (stops included) the chunks so far, then the exception again. ``finish``
+    is called once what there is to save is saved."""
+    from cachepolicy.errors import PolicyHookError
+
     atomic_write_json(folder / RUN_FILE, run)
     writer = TraceWriter(folder / TRACE_FILE)
-    session.on_chunk = writer
+    total = session.config.num_chunks
+
+    def on_chunk(record: dict[str, Any]) -> None:
+        writer(record)
+        progress_logger.info("chunk %d of %d done in %.2f s", record["chunk"] + 1, total, record["seconds"])
+
+    session.on_chunk = on_chunk
     try:
-        result = session.run()
+        try:
+            result = session.run()
+        finally:
+            writer.close()
+        save_latents(folder / LATENTS_FILE, result.latents,
+                     metadata={"frames_per_chunk": str(adapter.info.frames_per_chunk), "model": run["model"]})
+        videos = _write_videos(adapter, result.latents, folder, video_columns)
     except BaseException as exc:
+        # the chunks that finished: the trace and latents as the session holds them (a stop may have landed
+        # between a chunk's latents and its trace line, or before the line reached the file)
         partial = session.result()
-        save_latents(folder / LATENTS_FILE, partial.latents)
-        run.update(status="failed", error=f"{type(exc).__name__}: {exc}", chunks_completed=len(partial.trace))
+        trace = partial.trace
+        latents = partial.latents[:, :, :len(trace) * adapter.info.frames_per_chunk]
+        stopped = isinstance(exc, KeyboardInterrupt)
+        run.update(status="interrupted" if stopped else "failed", error=f"{type(exc).__name__}: {exc}",
+                   chunks_completed=len(trace))
+        if isinstance(exc, PolicyHookError):
+            run.update(failed_policy=exc.policy, failed_hook=exc.hook, failed_distribution=exc.distribution)
+        _write_trace(folder, trace)
+        save_latents(folder / LATENTS_FILE, latents,
+                     metadata={"frames_per_chunk": str(adapter.info.frames_per_chunk), "model": run["model"]})
         atomic_write_json(folder / RUN_FILE, run)
+        finish()
         raise
-    finally:
-        writer.close()
-    save_latents(folder / LATENTS_FILE, result.latents,
-                 metadata={"frames_per_chunk": str(info.frames_per_chunk), "model": model_name})
-    videos = _write_videos(adapter, result.latents, folder, video_columns)
     run.update(status="completed", chunks_completed=len(result.trace),
                seconds=sum(r["seconds"] for r in result.trace), videos=[p.name for p in videos])
+    _write_trace(folder, result.trace)
     atomic_write_json(folder / RUN_FILE, run)
-    return {"dir": folder, "run": folder / RUN_FILE, "trace": folder / TRACE_FILE,
-            "latents": folder / LATENTS_FILE, "videos": videos}
-
+    finish()
+    return videos

@@ -1,8 +1,13 @@
 """The ``cachepolicy`` command line.
 
 Imports are lazy: ``cachepolicy --help`` and ``cachepolicy plugins`` never import torch or diffusers.
-Exit status: 0 success, 2 bad input (a clear message on stderr), 3 the model failed mid-run (outputs
-kept), 1 anything unexpected.
+Exit status: 0 success; 2 refused (bad input, a damaged folder, a folder another process is writing: one
+line on stderr naming the value and what is allowed, nothing written); 3 the model or a policy failed mid-run,
+or some compare jobs failed (what finished is kept); 128 + N stopped by signal N (``SIGINT``, ``SIGTERM``,
+``SIGHUP``: what finished is kept); 1 anything unexpected.
+
+Without a terminal on stderr, ``run`` and ``compare`` log one line per finished chunk or job instead of a
+progress bar.
 """
 
 from __future__ import annotations
@@ -10,14 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
+import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 logger = logging.getLogger("cachepolicy")
 
 EXIT_BAD_INPUT = 2
 EXIT_MODEL_FAILED = 3
+#: the signals that ask a run to stop: each saves what finished, then exits with 128 + the signal's number
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -51,8 +60,15 @@ def _positive(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line like every other error of the command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cachepolicy",
         description="Inference-time KV-cache policies for autoregressive video generation.",
     )
@@ -74,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chunks", type=_positive, required=True, help="chunks to generate")
     run.add_argument("--seed", type=_non_negative, default=0, help="seed of the first sample (default 0)")
     run.add_argument("--batch", type=_positive, default=1, help="samples, seeded seed, seed+1, ... (default 1)")
-    run.add_argument("--prompt", action="append", default=[], help="prompt (repeat for one per sample)")
+    run.add_argument("--prompt", action="append", default=[],
+                     help="prompt (repeat for one per sample; default: the model's default prompt)")
     run.add_argument("--out", required=True, help="output folder")
     run.add_argument("--columns", type=_positive, default=None,
                      help="samples per row of video.mp4/video.gif (default: all in one row)")
@@ -94,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "official script's draws from one generator seeded with --seed (needs --recipe)")
     run.add_argument("--trace-residency", action="store_true",
                      help="record the resident tokens after every chunk in trace.jsonl (field 'residency')")
-    run.add_argument("--force", action="store_true", help="replace a run already in --out")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--force", action="store_true",
+                     help="replace a run already in --out (the new run is built beside it and swapped in whole)")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar (without a terminal: no line per chunk)")
     recipes = sub.add_parser("recipes", help="list the built-in inference recipes and their defaults",
                              description="List the recipes that --recipe accepts, with their sampler, policies, "
                                          "re-cache and restart settings and where they were read.")
@@ -132,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--gpus-per-job", type=float, default=0.0, help="GPUs each Ray task asks for")
     compare.add_argument("--force", action="store_true",
                          help="DIR holds another configuration: archive it and start over")
-    compare.add_argument("--no-progress", action="store_true", help="no progress bars")
+    compare.add_argument("--no-progress", action="store_true",
+                         help="no progress bars (without a terminal: no line per job)")
 
     report = sub.add_parser("report", help="rewrite the report of a compare folder from its results",
                             description="Regenerate summary.json, summary.md and report.html from "
@@ -186,28 +206,30 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.executor == "ray":
         executor_options = {"address": args.ray_address, "gpus_per_job": args.gpus_per_job}
     executor = make_executor(args.executor, **executor_options)
-    run_compare(config, args.out, executor=executor, force=args.force,
-                progress=not args.no_progress and sys.stderr.isatty())
+    summary = run_compare(config, args.out, executor=executor, force=args.force,
+                          progress=not args.no_progress and sys.stderr.isatty())
     from pathlib import Path
 
     print((Path(args.out) / "summary.md").read_text())
     print(f"report: {Path(args.out) / 'report.html'}")
+    if summary["jobs_failed"]:
+        print(f"error: {summary['jobs_failed']} of {summary['jobs_total']} jobs failed (listed in "
+              f"{Path(args.out) / 'summary.md'}); rerun the same command to try them again", file=sys.stderr)
+        return EXIT_MODEL_FAILED
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
-    from cachepolicy.compare import CONFIG_FILE, RESULTS_FILE, CompareConfig, ResultsStore
-    from cachepolicy.errors import CompareConfigError
+    from cachepolicy.compare.folder import read_folder
+    from cachepolicy.folders import FolderLock
     from cachepolicy.report import write_report
 
     folder = Path(args.dir)
-    if not (folder / CONFIG_FILE).is_file():
-        raise CompareConfigError(f"{folder} has no {CONFIG_FILE}: not a compare output folder")
-    config = CompareConfig.from_json(json.loads((folder / CONFIG_FILE).read_text())["config"])
-    write_report(folder, config, ResultsStore(folder / RESULTS_FILE).load())
+    config, records = read_folder(folder)
+    with FolderLock(folder, "cachepolicy report"):
+        write_report(folder, config, records)
     print(f"report: {folder / 'report.html'}")
     return 0
 
@@ -215,7 +237,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from cachepolicy.registry import get_registry
 
-    records = get_registry().records
+    kinds = ("policy", "model", "metric", "plugin")
+    records = sorted(get_registry().records,
+                     key=lambda r: (kinds.index(r.kind) if r.kind in kinds else len(kinds), r.name))
     if args.json:
         print(json.dumps([r.to_json() for r in records], indent=2))
         return 0
@@ -284,6 +308,56 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _install_stop_handlers() -> dict[int, Any]:
+    """Make each stop signal raise :class:`~cachepolicy.errors.StopRequested` once (later ones are ignored
+    while what finished is saved); returns the handlers to restore."""
+    from cachepolicy.folders import request_stop
+
+    stopping = []
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if stopping:
+            logger.warning("%s received while stopping: still saving what finished (SIGKILL stops at once)", name)
+            return
+        stopping.append(name)
+        request_stop(name)
+
+    import threading
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        return previous
+    for name in STOP_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None:
+            previous[number] = signal.signal(number, handler)
+    return previous
+
+
+def _stopped_message(args: argparse.Namespace, name: str) -> str:
+    """What a stopped command kept, in one line."""
+    from pathlib import Path
+
+    if args.command == "run":
+        try:
+            run = json.loads((Path(args.out) / "run.json").read_text())
+        except (OSError, ValueError):
+            run = {}
+        if run.get("status") == "interrupted":
+            return (f"stopped by {name}: the {run.get('chunks_completed', 0)} chunks finished are in {args.out} "
+                    f"(run.json: status 'interrupted')")
+        return f"stopped by {name} before the run started writing {args.out}"
+    if args.command == "compare":
+        return (f"stopped by {name}: the jobs finished so far are in {Path(args.out) / 'results.jsonl'}; rerun the "
+                f"same command to resume")
+    return f"stopped by {name}"
+
+
+def _one_line(exc: BaseException) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(exc)).strip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -297,20 +371,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from cachepolicy.errors import CachePolicyError, NonFiniteOutputError
+    from cachepolicy.errors import CachePolicyError, NonFiniteOutputError, PolicyHookError
 
+    progress = logging.getLogger("cachepolicy.progress")
+    if not getattr(args, "no_progress", True) and not sys.stderr.isatty():
+        progress.setLevel(logging.INFO)  # one line per chunk or job instead of a bar
+    previous = _install_stop_handlers()
     try:
-        commands = {"plugins": _cmd_plugins, "run": _cmd_run, "recipes": _cmd_recipes, "compare": _cmd_compare, "report": _cmd_report}
+        commands = {"plugins": _cmd_plugins, "run": _cmd_run, "recipes": _cmd_recipes, "compare": _cmd_compare,
+                    "report": _cmd_report}
         return commands[args.command](args)
     except BrokenPipeError:  # e.g. 'cachepolicy plugins --json | head'
         sys.stderr.close()
         return 0
-    except NonFiniteOutputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # StopRequested too
+        name = getattr(exc, "signal_name", "SIGINT")
+        print(_stopped_message(args, name), file=sys.stderr)
+        return 128 + int(getattr(signal, name, signal.SIGINT))
+    except (NonFiniteOutputError, PolicyHookError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_MODEL_FAILED
     except CachePolicyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:  # a full disk, a file that cannot be written: the system's words, one line
+        logger.debug("operating system error", exc_info=True)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        progress.setLevel(logging.NOTSET)
 
 
 if __name__ == "__main__":  # pragma: no cover

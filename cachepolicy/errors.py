@@ -96,3 +96,37 @@ class PolicyHookError(CachePolicyError, RuntimeError):
         self.distribution = distribution
         origin = f" (from distribution {distribution!r})" if distribution else ""
         super().__init__(f"policy {policy!r}{origin} failed in {hook}: {detail}")
+
+
+class FolderBusyError(CachePolicyError, RuntimeError):
+    """An output folder is being written by another process (its lock names the holder)."""
+
+    def __init__(self, folder: object, holder: dict[str, object]) -> None:
+        self.folder = folder
+        self.holder = dict(holder)
+        who = ", ".join(f"{key} {holder[key]}" for key in ("command", "pid", "host", "started") if holder.get(key))
+        super().__init__(
+            f"{folder} is being written by another cachepolicy process ({who or 'holder unknown'}); wait for it to "
+            f"finish or use another --out"
+        )
+
+
+class DamagedFolderError(CachePolicyError, ValueError):
+    """A file of an output folder cannot be read back: ``path`` (and ``line``, 1-based, when the damage is
+    in one line of a JSON-lines file) says where."""
+
+    def __init__(self, path: object, problem: str, *, line: int | None = None, hint: str = "") -> None:
+        self.path = path
+        self.line = line
+        self.problem = problem
+        where = f"{path} line {line}" if line is not None else f"{path}"
+        super().__init__(f"{where} is damaged: {problem}" + (f"; {hint}" if hint else ""))
+
+
+class StopRequested(KeyboardInterrupt):
+    """The process was asked to stop (``SIGINT``, ``SIGTERM`` or ``SIGHUP``); raised where it was running, so
+    that what finished is saved on the way out. ``signal_name`` names the signal."""
+
+    def __init__(self, signal_name: str = "SIGINT") -> None:
+        self.signal_name = signal_name
+        super().__init__(signal_name)

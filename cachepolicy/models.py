@@ -10,7 +10,6 @@ from __future__ import annotations
 import abc
 import functools
 import importlib
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -323,6 +322,9 @@ class ModelAdapter(abc.ABC):
     """What the engine needs from a model family. One adapter instance wraps one loaded model."""
 
     info: ModelInfo
+    #: a prompt this model can draw, used when a run names none (``cachepolicy run`` without ``--prompt``);
+    #: an adapter whose model only takes some prompts (the drift lab's grammar) sets one it takes
+    default_prompt: str = "a video"
 
     @abc.abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> Any:
@@ -431,23 +433,28 @@ class ModelEntry:
     summary: str = ""
     provides_ground_truth: bool = False
 
-    def load(self, **options: Any) -> ModelAdapter:
-        """Call the loader with ``options``. An option the loader does not take is refused with a
-        :class:`~cachepolicy.errors.ParameterError` listing the ones it takes (before anything is loaded);
-        a ``sampler`` option is parsed with :func:`parse_sampler` first."""
+    def loader_function(self) -> Any:
+        """The function :attr:`loader` names (imported now)."""
         module_name, _, attr = self.loader.partition(":")
         try:
-            function = getattr(importlib.import_module(module_name), attr)
+            return getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise PluginLoadError(f"cannot load model {self.name!r}: {self.loader!r} failed: {exc}") from exc
-        parameters = inspect.signature(function).parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-            unknown = sorted(set(options) - set(parameters))
-            if unknown:
-                takes = [name for name, p in parameters.items()
-                         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
-                raise ParameterError(f"model {self.name!r} takes no option(s) {', '.join(unknown)}; its options: "
-                                     f"{', '.join(takes) or 'none'}")
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Check loader ``options`` before anything is loaded: names, simple types, numbers a tensor holds,
+        the device (see :func:`cachepolicy.validation.check_loader_options`), a ``sampler`` spec
+        (:func:`parse_sampler`)."""
+        from cachepolicy.validation import check_loader_options
+
+        check_loader_options(self.name, self.loader_function(), options)
+        if "sampler" in options:
+            parse_sampler(options["sampler"])
+
+    def load(self, **options: Any) -> ModelAdapter:
+        """Check ``options`` (:meth:`check_options`), then call the loader with them (a ``sampler`` option
+        parsed with :func:`parse_sampler`)."""
+        self.check_options(options)
         if "sampler" in options:
             options = {**options, "sampler": parse_sampler(options["sampler"])}
-        return function(**options)
+        return self.loader_function()(**options)

@@ -60,6 +60,16 @@ def groups(config: Any) -> list[tuple[str, str, str]]:
             for model in config.models for policy in config.policies]
 
 
+def finished(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of finished jobs (failed jobs have no metrics)."""
+    return [r for r in records if r.get("status", "done") == "done"]
+
+
+def failed(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of failed jobs."""
+    return [r for r in records if r.get("status", "done") == "failed"]
+
+
 def record_model(record: dict[str, Any], config: Any) -> str:
     """The model of a results line (lines written before several models had no ``model``: the one model)."""
     return record.get("model", config.models[0])
@@ -76,10 +86,11 @@ def _summary_models(summary: dict[str, Any]) -> list[str]:
 
 def summarise(config: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
     """``summary.json``'s content: per (model, policy) in the configuration's order (keyed by the row's
-    label, see :func:`groups`), per metric, mean and CI."""
+    label, see :func:`groups`), per metric, mean and CI over the finished jobs; and the failed jobs."""
+    done, failures = finished(records), failed(records)
     policies: dict[str, Any] = {}
     for label, model, policy in groups(config):
-        rows = _rows(config, records, model, policy)
+        rows = _rows(config, done, model, policy)
         stats = {}
         for metric in config.metrics:
             s = mean_ci([r["metrics"].get(metric, math.nan) for r in rows])
@@ -89,7 +100,10 @@ def summarise(config: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
         "config": config.to_json(),
         "fingerprint": config.fingerprint,
         "jobs_total": len(config.jobs()),
-        "jobs_done": len(records),
+        "jobs_done": len(done),
+        "jobs_failed": len(failures),
+        "failed": [{"model": record_model(r, config), "policy": r["policy"], "prompt": r["prompt"], "seed": r["seed"],
+                    "error": r["error"]} for r in failures],
         "policies": policies,
     }
 
@@ -125,6 +139,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         cells = [format_stat(data["metrics"][m]) for m in metrics]
         first = f"| `{data['model']}` | `{data['policy']}` " if several else f"| `{label}` "
         lines.append(first + f"| {data['jobs']} | " + " | ".join(cells) + " |")
+    if summary.get("failed"):
+        lines += ["", f"## Failed jobs ({len(summary['failed'])}, not in the table; a rerun of the command tries them "
+                      "again)", ""]
+        lines += [f"* `{f['model']}` `{f['policy']}`, prompt {f['prompt']!r}, seed {f['seed']}: {f['error']}"
+                  for f in summary["failed"]]
     return "\n".join(lines) + "\n"
 
 
@@ -212,7 +231,10 @@ def _side_by_side(folder: Path, config: Any, records: list[dict[str, Any]]) -> l
                 path = folder / "jobs" / (record["job_id"] if record else "") / "preview.npy"
                 if record is None or not path.is_file():
                     continue
-                panels.append(np.load(path))
+                panel = _load_preview(path)
+                if panel is None:
+                    continue
+                panels.append(panel)
                 labels.append([model, policy] if several else [policy])  # one line of text each
             if not panels:
                 continue
@@ -238,6 +260,23 @@ def _side_by_side(folder: Path, config: Any, records: list[dict[str, Any]]) -> l
     return videos
 
 
+def _load_preview(path: Path) -> Any:
+    """A job's ``preview.npy`` (uint8 ``[T, H, W, 3]``), or None with a warning naming the file when it is
+    damaged (the report is written without that panel)."""
+    import numpy as np
+
+    try:
+        panel = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        logger.warning("%s is damaged (%s): left out of the side-by-side videos", path, exc)
+        return None
+    if panel.dtype != np.uint8 or panel.ndim != 4 or panel.shape[-1] != 3 or 0 in panel.shape:
+        logger.warning("%s is damaged (uint8 [T, H, W, 3] frames expected, got %s %s): left out of the "
+                       "side-by-side videos", path, panel.dtype, panel.shape)
+        return None
+    return panel
+
+
 def _html(summary: dict[str, Any], plots: list[tuple[str, str]], videos: list[tuple[str, str]],
           decoded: bool | None) -> str:
     """``decoded``: True if every video shows decoded frames, False if none does, None if some do."""
@@ -259,6 +298,12 @@ def _html(summary: dict[str, Any], plots: list[tuple[str, str]], videos: list[tu
     note = ("decoded frames" if decoded else
             f"latent preview (the model has no decoder): {latent_note}" if decoded is False else
             f"decoded frames where the model has a decoder, else a latent preview: {latent_note}")
+    failed_html = ""
+    if summary.get("failed"):
+        items = "".join(f"<li><code>{esc(f['model'])}</code> <code>{esc(f['policy'])}</code>, prompt "
+                        f"{esc(repr(f['prompt']))}, seed {f['seed']}: {esc(f['error'])}</li>" for f in summary["failed"])
+        failed_html = (f"<h2>Failed jobs</h2><p>{len(summary['failed'])} jobs failed; they are not in the table, and "
+                       f"a rerun of the command tries them again.</p><ul>{items}</ul>")
     video_html = "".join(f'<figure><img src="{esc(src)}" alt="{esc(title)}"><figcaption>{esc(title)}</figcaption>'
                          f"</figure>" for title, src in videos)
     config = summary["config"]
@@ -283,6 +328,7 @@ Data: <a href="summary.json">summary.json</a>, <a href="summary.md">summary.md</
 <a href="results.jsonl">results.jsonl</a>.</p>
 <table id="summary"><thead><tr>{head}</tr></thead>
 <tbody>{''.join(rows)}</tbody></table>
+{failed_html}
 <h2>Metrics against chunk index</h2>
 {plot_html}
 <h2>Side by side</h2>
@@ -296,6 +342,7 @@ def write_report(folder: str | Path, config: Any, records: list[dict[str, Any]])
     """Write summary.json, summary.md, plots, videos and report.html into ``folder``; return the summary."""
     folder = Path(folder)
     summary = summarise(config, records)
+    records = finished(records)
     atomic_write_json(folder / "summary.json", summary)
     atomic_write_bytes(folder / "summary.md", summary_markdown(summary).encode())
     plots = _plot_curves(folder, config, records) if records else []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 import pytest
 import torch
@@ -37,3 +38,27 @@ def tiny_wan():
         return load_tiny_wan(seed, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def broken_policy(monkeypatch):
+    """Installs the policy ``broken:chunk=K`` (its ``chunk_start`` hook raises ``KeyError`` at chunk K) into the
+    process-wide registry, as a third-party plugin with a bug would be; returns its class."""
+    import attrs
+
+    from cachepolicy.hookspecs import hookimpl
+    from cachepolicy.policy import Policy
+    from cachepolicy.registry import get_registry
+
+    @attrs.frozen
+    class Broken(Policy):
+        name: ClassVar[str] = "broken"
+        chunk: int = 2
+
+        @hookimpl
+        def cachepolicy_chunk_start(self, session, chunk):
+            if chunk == self.chunk:
+                raise KeyError("oops")
+
+    monkeypatch.setitem(get_registry().policies, "broken", Broken)
+    return Broken

@@ -8,8 +8,9 @@ only what is specific to it on top of :class:`~cachepolicy.adapters.wan.adapter.
   shift, no warping; ``sampler_noise``: the shipped weights re-noise with ``fresh`` noise, older configs
   take the Euler step, ``noise="predicted"``; ``sampler_guidance``, classifier-free guidance against the empty
   prompt, which the lab trains with prompt dropout) and 3 frames per chunk;
-* its text embedding (:func:`cachepolicy.lab.text.embed_prompts`, a fixed seeded word table); a scene
-  prompt with more sprites than it was trained on is refused;
+* its text embedding (:func:`cachepolicy.lab.text.embed_prompts`, a fixed seeded word table); a prompt
+  is parsed whole by the scene grammar or refused (naming the word where parsing stopped), and a scene
+  with more sprites than the model was trained on is refused; its default prompt is a scene it draws;
 * a decoder: the latent is the frames pixel-unshuffled by 2, so decoding is exact, with no learned VAE;
 * ground truth: the prompt's :class:`~cachepolicy.lab.scenes.SceneSpec`, for the ground-truth metrics.
 
@@ -44,30 +45,33 @@ def packaged_weights() -> Path:
 class DriftLabAdapter(WanAdapter):
     """A :class:`WanAdapter` for the drift-lab model, with an exact decoder and the scene's ground truth."""
 
+    #: the first prompt of the README's main job: one sprite, within every trained sprite limit
+    default_prompt = "a red triangle bouncing slowly over a gray-to-purple gradient"
+
     def __init__(self, model: Any, config: Any) -> None:
         from cachepolicy.lab.sampling import sigma_schedule
         from cachepolicy.lab.text import embed_prompts
 
         self.lab_config = config
         sigmas = sigma_schedule(config.sampler_steps, config.sampler_shift)[:-1]
+        # the steps are the sigmas already shifted (no warping); the shift is recorded as the lab's own
         sampler = Sampler(denoising_steps=tuple(1000.0 * float(s) for s in sigmas), warp=False,
-                          noise=config.sampler_noise, guidance=config.sampler_guidance)
+                          shift=config.sampler_shift, noise=config.sampler_noise, guidance=config.sampler_guidance)
         super().__init__(model, name="drift-lab", latent_size=config.latent_hw,
                          text_encoder=lambda prompts: embed_prompts(list(prompts), config.text),
                          frames_per_chunk=config.chunk_frames, sampler=sampler)
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """The lab's text embedding ``[B, max_words, text_dim]``; a scene prompt with more sprites than the
-        model was trained on (``scene.max_sprites`` of its config) is refused, naming the limit."""
+        """The lab's text embedding ``[B, max_words, text_dim]``. Every prompt but the empty one (the
+        unconditional input) must parse whole as a scene of the lab's grammar (the error names the word
+        where parsing stopped) with at most the sprites the model was trained on (``scene.max_sprites`` of
+        its config)."""
         from cachepolicy.lab.errors import PromptError
         from cachepolicy.lab.scenes import parse_prompt
 
         limit = self.lab_config.scene.max_sprites
         for prompt in prompts:
-            try:
-                spec = parse_prompt(prompt) if prompt else None
-            except PromptError:  # words of the vocabulary outside the scene grammar: embedded as they are
-                spec = None
+            spec = parse_prompt(prompt) if prompt != "" else None
             if spec is not None and spec.num_sprites > limit:
                 raise PromptError(
                     f"prompt {prompt!r} asks for {spec.num_sprites} sprites; this drift-lab model was trained "

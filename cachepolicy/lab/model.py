@@ -159,7 +159,12 @@ def load_lab_config(data: dict[str, Any] | str | Path) -> LabConfig:
         path = Path(data)
         if not path.is_file():
             raise LabCheckpointError(f"no lab config file at {path}")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_bytes())
+        except ValueError as exc:  # also bytes that are not UTF-8
+            raise LabCheckpointError(f"lab config {path} is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise LabCheckpointError(f"lab config {path} holds a JSON {type(data).__name__}, not an object")
     data = dict(data)
     # configs written before ``sampler_noise`` / ``sampler_guidance`` existed were sampled with the Euler
     # step and without guidance
@@ -169,7 +174,7 @@ def load_lab_config(data: dict[str, Any] | str | Path) -> LabConfig:
         scene = SceneConfig(**data.pop("scene"))
         text = TextConfig(**data.pop("text"))
         return LabConfig(scene=scene, text=text, **data)
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise LabCheckpointError(f"malformed lab config {data!r}: {exc}") from exc
 
 

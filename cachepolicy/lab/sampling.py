@@ -187,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, config = load_lab_model(args.weights, args.file)
     rng = np.random.default_rng([args.seed, 77])
     prompts = list(args.prompt) or [sample_prompt(rng, config.scene) for _ in range(args.num)]
+    for prompt in prompts:  # parsed whole before any sampling: a prompt the grammar refuses names its word
+        parse_prompt(prompt)
     videos = sample_video(model, config, prompts, args.chunks, seed=args.seed, steps=args.steps,
                           shift=args.shift, guidance=args.guidance, noise=args.noise)
     rows = []

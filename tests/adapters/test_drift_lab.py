@@ -92,8 +92,13 @@ def test_prompts_with_more_sprites_than_trained_are_refused(tmp_path, registry):
     config = attrs.evolve(LabConfig(), scene=SceneConfig(max_sprites=2), layers=1, heads=2, dim_head=16,
                           ffn_dim=32, sampler_steps=2)
     adapter = registry.model("drift-lab").load(path=str(save_random_lab_weights(tmp_path / "final", config)))
-    two = ["a white disc and a red square bouncing slowly over a teal-to-purple gradient", "", "red disc"]
-    assert torch.equal(adapter.encode_prompts(two), embed_prompts(two, config.text))  # 2 sprites, "", words
+    two = ["a white disc and a red square bouncing slowly over a teal-to-purple gradient", ""]
+    assert torch.equal(adapter.encode_prompts(two), embed_prompts(two, config.text))  # 2 sprites, ""
+    # words of the vocabulary outside the grammar are refused, naming the word where parsing stopped
+    with pytest.raises(PromptError, match=r"expected a count \(a/an/two/three\) at word 1, got 'red'"):
+        adapter.encode_prompts(["red disc"])
+    with pytest.raises(PromptError, match=r"ends early: expected 'bouncing' at word 4"):
+        adapter.encode_prompts(["a red disc"])
     three = "two cyan discs and a red square bouncing slowly over a teal-to-purple gradient"
     with pytest.raises(PromptError, match=r"asks for 3 sprites; this drift-lab model was trained on scenes of "
                                           r"1 to 2 \(scene.max_sprites"):

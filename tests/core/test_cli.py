@@ -80,7 +80,7 @@ def test_run_traces_the_resident_tokens_on_request(tmp_path):
      "denoising steps must be strictly decreasing"),
     (["run", "tiny-wan", "--chunks", "2", "--model-option", "sampler=3"], "sampler=3 is not allowed; give a recipe"),
     (["run", "drift-lab", "--chunks", "2", "--model-option", "sampler=causvid"],
-     "model 'drift-lab' takes no option(s) sampler; its options: path, device, dtype, steps, noise, guidance"),
+     "model 'drift-lab' takes no option 'sampler'; it takes: path, device, dtype, steps, noise, guidance"),
 ])
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "run"
@@ -187,3 +187,41 @@ def test_run_refuses_bad_video_columns_before_writing(tmp_path):
     with pytest.raises(SystemExit):  # argparse: "argument --columns: must be at least 1"
         main(["run", "tiny-wan", "--chunks", "1", "--columns", "0", "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
+
+
+def test_a_policy_hook_error_marks_the_run_failed_in_one_line_and_keeps_the_chunks(tmp_path, capsys, broken_policy):
+    """A policy's hook raises: the engine's :class:`PolicyHookError` names the policy and the hook; the CLI prints
+    one line, exits 3, and the run folder keeps the chunks finished before it."""
+    out = tmp_path / "run"
+    assert main(["run", "tiny-wan", "--policy", "broken:chunk=2", "--chunks", "4", "--out", str(out)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: policy 'broken:chunk=2' failed in cachepolicy_chunk_start: KeyError: 'oops'"]
+    run = json.loads((out / "run.json").read_text())
+    assert (run["status"], run["chunks_completed"]) == ("failed", 2)
+    assert (run["failed_policy"], run["failed_hook"]) == ("broken:chunk=2", "cachepolicy_chunk_start")
+    assert load_file(out / "latents.safetensors")["latents"].shape[2] == 6
+    assert len((out / "trace.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_model_runs_without_a_prompt_on_its_default_prompt(tmp_path, registry):
+    """Every model that loads without options draws its own default prompt (the drift lab's is a scene of its
+    grammar); ``cachepolicy run drift-lab`` without ``--prompt`` is the newcomer's first command."""
+    for name in ("tiny-wan", "tiny-skyreels", "drift-lab"):
+        adapter = registry.model(name).load()
+        adapter.encode_prompts([adapter.default_prompt])
+    out = tmp_path / "lab"
+    assert main(["run", "drift-lab", "--chunks", "2", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["prompts"] == [registry.model("drift-lab").load().default_prompt]
+    assert run["sampler"]["shift"] == 1.0  # what the drift lab's config.json says, not Sampler's default 5
+
+
+def test_plugins_are_listed_sorted(capsys):
+    assert main(["plugins", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    kinds = ["policy", "model", "metric", "plugin"]
+    keys = [(kinds.index(r["kind"]), r["name"]) for r in records]
+    assert keys == sorted(keys) and len({r["kind"] for r in records}) >= 3
+    assert main(["plugins"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert names == [r["name"] for r in records]
