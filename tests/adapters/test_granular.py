@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from cachepolicy.adapters.wan import adapter as wan_adapter
 from cachepolicy.adapters.wan.tiny import load_tiny_wan
-from cachepolicy.engine import PromptSwitch, RolloutConfig, Session
+from cachepolicy.engine import RolloutConfig, Session
 from cachepolicy.hookspecs import hookimpl
 from cachepolicy.layers import LayerEdit, LayerRequest, Merge
 from cachepolicy.policy import Policy, Selection
