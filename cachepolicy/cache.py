@@ -304,36 +304,37 @@ class KVCache:
 
     def reserve(self, extra_tokens: int, *, total: int | None = None) -> None:
         """Make room for ``extra_tokens`` provisional tokens after the longest sample, in the table and every
-        cell; with ``total``, size every buffer for at least ``total`` tokens now (a bound the policies
-        declared), so that a rollout within it never reallocates.
+        cell; with ``total``, size the buffers for ``total`` tokens now (what the policies allow plus one call),
+        so that a rollout within that bound never reallocates.
 
-        Growth is geometric (x1.5) into uninitialised memory, so a growing cache reallocates O(log n) times.
+        Without ``total`` growth is geometric (x1.5) into uninitialised memory, so a growing cache reallocates
+        O(log n) times.
         """
         self.call_tokens = max(self.call_tokens, extra_tokens)
-        floor = 0 if total is None else int(total)
-        needed = max(self.max_length + extra_tokens, floor)
-        if needed > self.capacity:
-            self._grow_table(needed if floor >= needed else max(needed, math.ceil(self.capacity * 1.5)))
-        for residency in self.residencies():
-            need = max(residency.max_length + extra_tokens, floor if len(self.residencies()) == 1 else 0)
-            if need > residency.capacity:
-                grown = need if floor >= need else max(need, math.ceil(residency.capacity * 1.5))
-                self._resize(residency, grown)
+        capacity = _grown(self.capacity, self.max_length + extra_tokens, total)
+        if capacity is not None:
+            self._grow_table(capacity)
+        residencies = self.residencies()
+        for residency in residencies:  # a bound is for the shared residency; split ones are sized when split
+            capacity = _grown(residency.capacity, residency.max_length + extra_tokens,
+                              total if len(residencies) == 1 else None)
+            if capacity is not None:
+                self._resize(residency, capacity)
 
     def _grow_table(self, capacity: int) -> None:
-        used = self.max_length
+        used, had = self.max_length, self.capacity > 0
         for name in METADATA_FIELDS:
             old = self.meta[name]
             self.meta[name] = torch.empty(self.batch_size, capacity, dtype=torch.long, device=self.device)
             self.meta[name][:, :used] = old[:, :used]
-        old = self.pinned
-        self.pinned = torch.zeros(self.batch_size, capacity, dtype=torch.bool, device=self.device)
-        self.pinned[:, :used] = old[:, :used]
+        pinned = torch.zeros(self.batch_size, capacity, dtype=torch.bool, device=self.device)
+        pinned[:, :used] = self.pinned[:, :used]
+        self.pinned = pinned
         for name, old in self.columns.items():
             new = torch.empty((self.batch_size, capacity, *old.shape[2:]), dtype=old.dtype, device=self.device)
             new[:, :used] = old[:, :used]
             self.columns[name] = new
-        if used or old.shape[1]:
+        if had:
             self.reallocations += 1
 
     def _resize(self, residency: Residency, capacity: int) -> None:
@@ -530,9 +531,9 @@ class KVCache:
                 else:
                     partitions.append((pattern, [cell]))
             partitions.sort(key=lambda part: -len(part[1]))
-            targets = [residency] + [self._detach(residency, group) for _, group in partitions[1:]]
-            for target, (pattern, _) in zip(targets, partitions):
-                self._compact_residency(target, pattern)
+            for pattern, group in partitions[1:]:
+                self._detach(residency, group, pattern)
+            self._compact_residency(residency, partitions[0][0])
         if prune:
             self._prune_table()
 
@@ -550,24 +551,26 @@ class KVCache:
             cells.sort(key=lambda c: c.heads[0])
         self.reallocations += 1
 
-    def _detach(self, residency: Residency, group: list[Cell]) -> Residency:
-        """Give the cells of ``group`` (and their twins in the other branch) a residency of their own, in
-        buffers sized for their tokens plus one forward's provisional slot."""
-        keys = {(cell.layer, cell.heads) for cell in group}
-        movers = [cell for cell in self.cells if cell.residency is residency and (cell.layer, cell.heads) in keys]
-        used = residency.max_length
-        capacity = max(used + self.call_tokens, 1)
+    def _detach(self, residency: Residency, group: list[Cell], keep: torch.Tensor) -> None:
+        """Move the cells of ``group`` (both branches) to a residency of their own holding the tokens ``keep``
+        (bool ``[B, S_r]`` in ``residency``'s slot space), in buffers sized for them plus one call's tokens."""
+        lengths = keep.sum(dim=1).tolist()
+        capacity = max(max(lengths) + self.call_tokens, 1)
         fresh = Residency(self.batch_size, capacity, self.device)
-        fresh.lengths = list(residency.lengths)
-        fresh.slots[:, :used] = residency.slots[:, :used]
-        fresh.zeroed = min(residency.zeroed, used)
-        for cell in movers:
-            k, v = self._kv(capacity, len(cell.heads))
-            k[:, :used] = cell.k[:, :used]
-            v[:, :used] = cell.v[:, :used]
+        fresh.lengths = [int(n) for n in lengths]
+        fresh.zeroed = capacity  # allocated zeroed once: every position is finite
+        picked = [keep[b, :residency.lengths[b]].nonzero().squeeze(1) for b in range(self.batch_size)]
+        for b, index in enumerate(picked):
+            fresh.slots[b, :index.numel()] = residency.slots[b, index]
+        for cell in group:
+            shape = (self.batch_size, capacity, len(cell.heads), self.head_dim)
+            k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            for b, index in enumerate(picked):
+                k[b, :index.numel()] = cell.k[b, index]
+                v[b, :index.numel()] = cell.v[b, index]
             cell.k, cell.v, cell.residency = k, v, fresh
         self.reallocations += 1
-        return fresh
 
     def _compact_residency(self, residency: Residency, keep: torch.Tensor) -> None:
         """Keep ``keep`` (bool ``[B, S_r]`` in slot space) in ``residency`` and every cell that shares it."""
@@ -1031,6 +1034,15 @@ class KVCache:
                 record["cells"] = groups
             records.append(record)
         return records
+
+
+def _grown(capacity: int, needed: int, total: int | None) -> int | None:
+    """The new capacity of a buffer of ``capacity`` tokens that must hold ``needed`` (at least ``total`` when a
+    bound is given: exactly that, else x1.5), or None when it need not change."""
+    target = needed if total is None else max(needed, total)
+    if target <= capacity:
+        return None
+    return target if total is not None else max(target, math.ceil(capacity * 1.5))
 
 
 def _group_frames(frames: list[int], spatial: list[int], tokens_per_frame: int) -> dict[str, Any]:
