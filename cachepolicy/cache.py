@@ -179,7 +179,8 @@ class ForwardContext:
         call: the forward.
         rotary: the model's rotary embedding.
         own_tables: cos/sin ``[1, n, 1, D]`` at the call's own positions.
-        own_positions: ``rope_pos``, ``row``, ``col`` ``[B, n]`` of the call's own tokens (raw mode).
+        own_positions: ``rope_pos``, ``row``, ``col`` ``[B, n]`` of the call's own tokens (needed by a ``raw``
+            cache only; None otherwise).
         own_mask: bool ``[1, 1, n, n]`` structure inside the call (None: it attends to itself fully).
         observer: in-layer hooks of the policies that requested this forward, or None.
     """
@@ -187,7 +188,7 @@ class ForwardContext:
     call: ForwardCall
     rotary: Rotary
     own_tables: tuple[torch.Tensor, torch.Tensor]
-    own_positions: dict[str, torch.Tensor]
+    own_positions: dict[str, torch.Tensor] | None
     own_mask: torch.Tensor | None = None
     observer: Callable[[LayerContext], list[tuple[str, LayerEdit]]] | None = None
     wants_layer: Callable[[int], bool] | None = None
@@ -772,11 +773,12 @@ class KVCache:
 
     @contextlib.contextmanager
     def forward(self, call: ForwardCall, *, rotary: Rotary, own_tables: tuple[torch.Tensor, torch.Tensor],
-                own_positions: dict[str, torch.Tensor],
+                own_positions: dict[str, torch.Tensor] | None = None,
                 own_mask: torch.Tensor | None = None) -> Iterator[ForwardContext]:
         """Set up one adapter forward: inside the block every layer's self-attention calls :meth:`attend`.
 
-        ``own_positions``: ``rope_pos``, ``row``, ``col`` ``[B, n]`` of the call's tokens. Checks the call's
+        ``own_positions``: ``rope_pos``, ``row``, ``col`` ``[B, n]`` of the call's tokens (a ``raw`` cache rotates
+        them on read; None in ``absolute`` mode). Checks the call's
         override tensors against the cache view and makes room for the provisional slot.
         """
         size = self.max_length
@@ -788,6 +790,8 @@ class KVCache:
         if call.rope_positions is not None and self.rope_mode != "raw":
             raise ParameterError("rope_positions re-rotate cached keys: they need a cache with rope_mode='raw' "
                                  "(keys are stored after RoPE in the default 'absolute' mode)")
+        if self.rope_mode == "raw" and own_positions is None:
+            raise CacheShapeError("a raw-mode cache rotates the call's keys on read: give own_positions")
         if call.branch >= self.branches:
             raise CacheShapeError(f"a forward of branch {call.branch} on a cache with {self.branches} branch(es)")
         self.reserve(own_tables[0].shape[1])

@@ -342,6 +342,7 @@ class WanAdapter(ModelAdapter):
             sampler=sampler or Sampler(),
         )
         self._state = ForwardState()
+        self._last_tables: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
         self._weights_id: str | None = None
         self._original_processors = [(block.attn1.processor, block.attn2.processor) for block in model.blocks]
         for layer, block in enumerate(model.blocks):
@@ -406,6 +407,14 @@ class WanAdapter(ModelAdapter):
             out.append(torch.cat([t, h, w], dim=-1).reshape(1, num_frames * rows * cols, 1, -1))
         return out[0], out[1]
 
+    def _own_tables(self, rope_start: int, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`rotary` of frames ``rope_start ..`` (the last ones are kept: a chunk's forwards share them)."""
+        key = (rope_start, num_frames)
+        if self._last_tables is None or self._last_tables[0] != key:
+            frames = torch.arange(rope_start, rope_start + num_frames, device=self.rope.cos_tables[0].device)
+            self._last_tables = (key, self.rotary(frames))
+        return self._last_tables[1]
+
     def forward(self, latent: torch.Tensor, timesteps: torch.Tensor, call: ForwardCall, cache: KVCache,
                 conditioning: torch.Tensor) -> torch.Tensor:
         """One model call on ``latent`` ``[B, C, F, H, W]`` (timesteps ``[B, F]``) against ``cache``; its keys and
@@ -437,10 +446,9 @@ class WanAdapter(ModelAdapter):
                 raise RolloutConfigError(
                     f"override RoPE positions {int(positions.min())}..{int(positions.max())} are outside the "
                     f"model's table of {info.max_frames} frames")
-        frames = torch.arange(rope_start, rope_start + num_frames, device=self.rope.cos_tables[0].device)
-        own_tables = self.rotary(frames)
-        own_positions = metadata_for_chunk(batch, rope_start, num_frames, info.token_rows, info.token_cols, 0,
-                                           device=cache.device)
+        own_tables = self._own_tables(rope_start, num_frames)
+        own_positions = None if cache.rope_mode != "raw" else metadata_for_chunk(
+            batch, rope_start, num_frames, info.token_rows, info.token_cols, 0, device=cache.device)
         state = self._state
         with cache.forward(call, rotary=self.rope, own_tables=own_tables, own_positions=own_positions,
                            own_mask=self._chunk_mask(num_frames, cache.device)):
