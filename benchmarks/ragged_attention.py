@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(time.perf_counter() - start)
     ragged, uniform = (statistics.median(times[name]) for name in ("ragged", "uniform"))
     tpf = side * side
-    ideal = (args.heads // 2 * (1 + FRAMES) + (args.heads - args.heads // 2) * (6 + FRAMES)) / (args.heads * (6 + FRAMES))
+    short, long_ = args.heads // 2, args.heads - args.heads // 2  # heads at 1 and at 6 context frames
+    ideal = (short * (1 + FRAMES) + long_ * (6 + FRAMES)) / (args.heads * (6 + FRAMES))
     summary = {
         "ratio": ragged / uniform,
         "ideal": ideal,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import torch
 
 from cachepolicy.adapters.wan.tiny import load_tiny_wan
 from cachepolicy.engine import RolloutConfig, Session
@@ -46,7 +45,7 @@ def test_attention_score_keeps_the_top_scored_tokens_per_layer_and_is_exact(regi
         num_chunks=5, prompts=["a red fox"], seeds=[0], sampler=Sampler(denoising_steps=(1000, 500), shift=3.0)))
     result = session.run()
     assert check_rollout_against_full_forward(adapter, result, session.policy_state[recorder.spec]) <= 1e-5
-    tpf, frames = adapter.info.tokens_per_frame, adapter.info.frames_per_chunk
+    tpf = adapter.info.tokens_per_frame
     # after the last selection: sink (3 frames) + budget (2 frames) + the new chunk (3 frames) per layer
     assert session.cache.head_lengths() == [[(3 + 2 + 3) * tpf] * 2] * 3
     assert session.cache.split  # layers chose different tokens
