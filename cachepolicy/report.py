@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 _UNKNOWN_METRIC = {"summary": "", "unit": "", "higher_is_better": None, "range": [None, None], "for_policies": []}
 
 
-def _finite(value: float | None) -> float | None:
-    return None if value is None or math.isnan(value) else value
+def _json_stat(values: Sequence[float | None]) -> dict[str, Any]:
+    """:func:`~cachepolicy.stats.mean_ci` of ``values`` with None for NaN."""
+    return {k: (None if k != "n" and math.isnan(v) else v) for k, v in mean_ci(values).items()}
 
 
 def groups(config: Any) -> list[tuple[str, str, str]]:
@@ -119,17 +120,9 @@ def summarise(config: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
         names = _policy_names(config, rows, policy)
         not_applicable = [m for m in config.metrics
                           if info[m]["for_policies"] and not names & set(info[m]["for_policies"])]
-        stats = {}
-        for metric in config.metrics:
-            s = mean_ci([r["metrics"].get(metric, math.nan) for r in rows])
-            stats[metric] = {k: (_finite(v) if k != "n" else v) for k, v in s.items()}
-        fields: dict[str, Any] = {}
-        for record in rows:
-            for key in record.get("trace_fields", {}):
-                fields.setdefault(key, None)
-        for key in fields:
-            s = mean_ci([r.get("trace_fields", {}).get(key, {}).get("value") for r in rows])
-            fields[key] = {k: (_finite(v) if k != "n" else v) for k, v in s.items()}
+        stats = {metric: _json_stat([r["metrics"].get(metric) for r in rows]) for metric in config.metrics}
+        keys = dict.fromkeys(key for r in rows for key in r.get("trace_fields", {}))
+        fields = {key: _json_stat([r.get("trace_fields", {}).get(key, {}).get("value") for r in rows]) for key in keys}
         policies[label] = {"model": model, "policy": policy, "jobs": len(rows), "metrics": stats,
                            "metrics_not_applicable": not_applicable, "paired": None, "trace_fields": fields}
     for label, model, policy in groups(config):  # each policy against the baseline of its model
