@@ -281,6 +281,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines += ["", "## Metrics", ""]
     lines += [f"* `{m}`: {info[m]['summary'] or 'no description'}; {direction(info[m]['higher_is_better'])}; "
               f"unit: {info[m]['unit'] or 'none'}; values: {_range_text(info[m]['range'])}" for m in metrics]
+    hidden = [m for m in config["metrics"] if m not in metrics]
+    if hidden:
+        lines += ["", f"Not shown, as they apply to none of the compared policies: "
+                      f"{', '.join(f'`{m}`' for m in hidden)}."]
     if summary.get("failed"):
         lines += ["", f"## Failed jobs ({len(summary['failed'])}, not in the tables; a rerun of the command tries "
                       "them again)", ""]
@@ -334,6 +338,7 @@ def _curve_plot(path: Path, config: Any, series: Sequence[tuple[str, str, str, l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.4, 3.4 + 0.2 * len(series)), dpi=100)
     for label, model, policy, curves in series:
@@ -346,6 +351,7 @@ def _curve_plot(path: Path, config: Any, series: Sequence[tuple[str, str, str, l
         if not np.all(np.isnan(low)):
             ax.fill_between(x, low, high, alpha=0.12, color=style["color"], linewidth=0)
     ax.set_xlabel("chunk")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -538,11 +544,11 @@ def _html(summary: dict[str, Any], plots: list[tuple[str, str]], videos: list[tu
     baseline = summary["baseline"]
 
     def first(label: str, data: dict[str, Any]) -> str:
-        return (f"<td>{_spec_html(data['model'])}</td><td>{_spec_html(data['policy'])}</td>"
+        return (f'<td>{_spec_html(data["model"])}</td><td class="spec">{_spec_html(data["policy"])}</td>'
                 if several else f"<td>{_spec_html(label)}</td>")
 
     def head(names: Sequence[str], count: str, info_of: Mapping[str, Any] | None) -> str:
-        cells = ("<th>model</th>" if several else "") + f"<th>policy</th><th>{count}</th>"
+        cells = ("<th>model</th>" if several else "") + f'<th class="spec">policy</th><th>{count}</th>'
         for name in names:
             meta = info_of.get(name) if info_of else None
             if meta is None:
@@ -614,7 +620,7 @@ def _html(summary: dict[str, Any], plots: list[tuple[str, str]], videos: list[tu
               f"<tbody>{legend_rows}</tbody></table>")
     hidden = [m for m in summary["config"]["metrics"] if m not in metrics]
     if hidden:
-        legend += (f"<p>Not shown, as no compared policy is one they apply to: "
+        legend += (f"<p>Not shown, as they apply to none of the compared policies: "
                    f"{', '.join(f'<code>{esc(m)}</code>' for m in hidden)}.</p>")
 
     plot_html = "".join(f'<figure><img src="{esc(src)}" alt="{esc(title)}"></figure>' for title, src in plots)
@@ -640,7 +646,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 0.85em; margin-bottom: 0.5em; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 6px; text-align: right; white-space: nowrap; }}
 th {{ vertical-align: bottom; white-space: normal; }}
-td:first-child, th:first-child {{ text-align: left; white-space: normal; }}
+td:first-child, th:first-child, .spec {{ text-align: left; white-space: normal; }}
 span.term {{ white-space: nowrap; display: inline-block; }}
 .pm {{ font-size: 0.9em; color: #555; }}
 table.legend td, table.legend th {{ text-align: left; white-space: normal; }}
