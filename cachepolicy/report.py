@@ -200,6 +200,18 @@ def _range_text(value_range: Sequence[float | None]) -> str:
     return f"{low:g} to {high:g}"
 
 
+def _paired_cells(data: Mapping[str, Any], metrics: Sequence[str],
+                  info: Mapping[str, Any]) -> list[tuple[dict[str, Any] | None, str]]:
+    """``(paired difference or None where it does not apply, verdict)`` of a row, per metric."""
+    return [(diff, verdict(diff, info[m]["higher_is_better"])) for m in metrics
+            for diff in [data["paired"].get(m)]]
+
+
+def _pairs(data: Mapping[str, Any]) -> int:
+    """The pairs of a row (the most of any metric)."""
+    return max((d["n"] for d in data["paired"].values() if d), default=0)
+
+
 def shown_metrics(summary: dict[str, Any]) -> list[str]:
     """The metrics that apply to at least one row (the columns of the tables)."""
     rows = list(summary["policies"].values())
@@ -256,17 +268,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                   "**Bold**: resolved at 95% (the interval excludes 0; paired t-test p < 0.05), marked better or "
                   "worse by the metric's direction.", "", *header(metrics, info, "pairs")]
         for label, data in paired:
-            cells = []
-            for m in metrics:
-                diff = data["paired"].get(m)
-                if diff is None:
-                    cells.append("—")
-                    continue
-                word = verdict(diff, info[m]["higher_is_better"])
-                text = format_difference(diff)
-                cells.append(f"**{text}** {word}" if word else text)
-            pairs = max((d["n"] for d in data["paired"].values() if d), default=0)
-            lines.append(first(label, data) + f"| {pairs} | " + " | ".join(cells) + " |")
+            cells = ["—" if diff is None else f"**{format_difference(diff)}** {word}" if word
+                     else format_difference(diff) for diff, word in _paired_cells(data, metrics, info)]
+            lines.append(first(label, data) + f"| {_pairs(data)} | " + " | ".join(cells) + " |")
     fields = trace_field_names(summary)
     if fields:
         lines += ["", "## Policies' own trace fields", "",
@@ -573,20 +577,17 @@ def _html(summary: dict[str, Any], plots: list[tuple[str, str]], videos: list[tu
         prows = []
         for label, data in paired:
             cells = []
-            for m in metrics:
-                diff = data["paired"].get(m)
+            for diff, word in _paired_cells(data, metrics, info):
                 if diff is None:
                     cells.append('<td class="na">—</td>')
                     continue
-                word = verdict(diff, info[m]["higher_is_better"])
                 tip = (f"{diff['n']} pairs; 95% CI [{diff['ci_low']:.4g}, {diff['ci_high']:.4g}]"
                        if diff.get("ci_low") is not None else f"{diff['n']} pair(s): no interval")
                 if diff.get("p") is not None:
                     tip += f"; paired t-test p = {diff['p']:.3g}"
                 cells.append(f'<td class="{word or "unresolved"}" title="{esc(tip)}">'
                              f"{_stat_html(format_difference(diff))}{f'<div><b>{word}</b></div>' if word else ''}</td>")
-            pairs = max((d["n"] for d in data["paired"].values() if d), default=0)
-            prows.append(f"<tr>{first(label, data)}<td>{pairs}</td>{''.join(cells)}</tr>")
+            prows.append(f"<tr>{first(label, data)}<td>{_pairs(data)}</td>{''.join(cells)}</tr>")
         paired_html = (
             f"<h2>Difference from the baseline {_spec_html(baseline)}</h2>"
             f"<p>Per {'model, ' if several else ''}prompt and seed (the same noise): policy minus baseline, mean "
