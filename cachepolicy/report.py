@@ -344,7 +344,7 @@ def _curve_plot(path: Path, config: Any, series: Sequence[tuple[str, str, str, l
     import numpy as np
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.4 + 0.2 * len(series)), dpi=100)
+    fig, ax = plt.subplots(figsize=(6.0, 3.4 + 0.2 * len(series)), dpi=100)
     for label, model, policy, curves in series:
         mean, low, high = curve_band(curves, value_range)
         x = np.arange(len(mean))
