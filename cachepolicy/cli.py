@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--recipe", default=None, metavar="NAME",
                          help="run every job under a system's inference loop (see 'cachepolicy recipes'); its "
                               "policies compose with each policy spec")
+    compare.add_argument("--baseline", default=None, metavar="SPEC",
+                         help="the policy every other one is paired with in the report: per prompt and seed, "
+                              "the difference from it (default: the first listed)")
     compare.add_argument("--out", required=True, help="output folder")
     compare.add_argument("--metrics", default=None,
                          help="comma-separated metric names (default: every available metric)")
@@ -158,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Regenerate summary.json, summary.md and report.html from "
                                         "DIR/config.json and DIR/results.jsonl.")
     report.add_argument("dir", help="a compare output folder")
+    report.add_argument("--baseline", default=None, metavar="SPEC",
+                        help="pair every policy with this one (default: the baseline of the compare command, "
+                             "else the first listed); DIR/config.json is left as it is")
     return parser
 
 
@@ -201,7 +207,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     config = CompareConfig(models=args.models, policies=split_policies(args.policies),
                            prompts=read_prompts(args.prompts), seeds=parse_seeds(args.seeds),
                            num_chunks=args.chunks, metrics=metrics, model_options=model_options,
-                           metric_options=metric_options, recipe=args.recipe)
+                           metric_options=metric_options, recipe=args.recipe, baseline=args.baseline)
     executor_options = {}
     if args.executor == "ray":
         executor_options = {"address": args.ray_address, "gpus_per_job": args.gpus_per_job}
@@ -228,6 +234,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     folder = Path(args.dir)
     config, records = read_folder(folder)
+    if args.baseline is not None:
+        import attrs
+
+        from cachepolicy.compare.checks import baseline_policy
+
+        config = attrs.evolve(config, baseline=args.baseline)
+        baseline_policy(config)  # before anything is written
     with FolderLock(folder, "cachepolicy report"):
         write_report(folder, config, records)
     print(f"report: {folder / 'report.html'}")

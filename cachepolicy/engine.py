@@ -272,6 +272,8 @@ class Session:
         self.noise: NoiseStream | None = None
         self.chunk: int = -1
         self.trace: list[dict[str, Any]] = []
+        #: each trace field a policy's ``chunk_end`` returned -> that policy's spec
+        self.trace_sources: dict[str, str] = {}
         #: committed latents ``[B, C, F, H, W]`` per chunk, on the CPU (the chunk being selected included)
         self.latents: list[torch.Tensor] = []
         self._layer_hooks = {impl.plugin_name: impl for impl in self.pm.hook.cachepolicy_layer.get_hookimpls()}
@@ -553,6 +555,7 @@ class Session:
             if clash:
                 raise CompositionError(f"policy {name} writes trace fields {sorted(clash)} that are already set")
             record.update(extra)
+            self.trace_sources.update(dict.fromkeys(extra, name))
         if self.config.trace_residency:
             record["residency"] = cache.residency_record(self.model.tokens_per_frame)
         record["seconds"] = time.perf_counter() - book.started

@@ -8,7 +8,8 @@ index).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -60,16 +61,22 @@ class MetricValue:
 class Metric:
     """Base class of compare metrics.
 
-    Subclasses set ``name`` and ``summary``, may set ``higher_is_better`` (None: neither) and
-    ``deterministic`` (False for wall-clock timings, which the reproducibility check skips), and implement
-    :meth:`compute`. A metric that needs something the user may not have (weights on a local path)
-    overrides :meth:`unavailable_reason`.
+    Subclasses set ``name`` and ``summary``, may set ``unit``, ``higher_is_better`` (None: neither),
+    ``value_range`` (the values the metric can take, per chunk and per job: the report clips its bands to
+    it), ``for_policies`` and ``deterministic`` (False for wall-clock timings, which the reproducibility
+    check skips), and implement :meth:`compute`. A metric that needs something the user may not have
+    (weights on a local path) overrides :meth:`unavailable_reason`.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     unit: ClassVar[str] = ""
     higher_is_better: ClassVar[bool | None] = None
+    #: ``(low, high)``, None for unbounded
+    value_range: ClassVar[tuple[float | None, float | None]] = (None, None)
+    #: names of the policies whose trace the metric reads: the report shows it only for the compared
+    #: policies that include one of them (empty: every policy)
+    for_policies: ClassVar[tuple[str, ...]] = ()
     deterministic: ClassVar[bool] = True
     #: True for metrics that compare with the scene's ground truth: only models whose entry
     #: ``provides_ground_truth`` include them by default.
@@ -101,3 +108,50 @@ def chunk_slices(job: JobData) -> list[slice]:
     """Latent-frame slices of each chunk of the job."""
     f = job.frames_per_chunk
     return [slice(c * f, (c + 1) * f) for c in range(job.latents.shape[1] // f)]
+
+
+def _number(value: Any) -> float | None:
+    """A trace value as a number: bools count 0/1, None and non-finite numbers are None; raises
+    ``TypeError`` for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, int, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    raise TypeError(type(value).__name__)
+
+
+def _chunk_number(value: Any) -> float | None:
+    """One chunk's value of a trace field: a number, or a per-sample list of numbers (their mean)."""
+    if isinstance(value, list):
+        numbers = [n for n in map(_number, value) if n is not None]
+        return math.fsum(numbers) / len(numbers) if numbers else None
+    return _number(value)
+
+
+def policy_trace_fields(trace: Sequence[Mapping[str, Any]], sources: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The numeric trace fields that policies returned from ``chunk_end``, summarised like metrics.
+
+    ``sources`` maps each such field to its policy (a :class:`~cachepolicy.policy.Policy`, or its name). A
+    field is numeric when each chunk's value is a number, a bool (0/1), None, or a list of those (one per
+    sample: their mean). Returns ``{"<policy>.<field>": {"value": mean over chunks, "per_chunk": [...],
+    "range": [low, high]}}`` (the range as the policy's ``trace_ranges`` declares it, 0 to 1 for bools,
+    else unbounded); other fields are left out.
+    """
+    fields: dict[str, dict[str, Any]] = {}
+    for field, policy in sources.items():
+        values = [record.get(field) for record in trace]
+        try:
+            curve = [_chunk_number(value) for value in values]
+        except TypeError:
+            continue
+        numbers = [v for v in curve if v is not None]
+        if not numbers:
+            continue
+        flat = [x for v in values for x in (v if isinstance(v, list) else [v]) if x is not None]
+        declared = getattr(policy, "trace_ranges", {}).get(field)
+        value_range = declared or ((0.0, 1.0) if all(isinstance(x, bool) for x in flat) else (None, None))
+        name = policy if isinstance(policy, str) else policy.name
+        fields[f"{name}.{field}"] = {"value": math.fsum(numbers) / len(numbers), "per_chunk": curve,
+                                     "range": list(value_range)}
+    return fields

@@ -61,6 +61,10 @@ class Policy:
     #: keys stored before RoPE; None: either cache mode.
     rope_mode: ClassVar[str | None] = None
 
+    #: the values each numeric trace field of ``chunk_end`` can take, ``(low, high)`` with None unbounded
+    #: (the compare report clips its bands to them; bool fields are 0 to 1 without saying so)
+    trace_ranges: ClassVar[Mapping[str, tuple[float | None, float | None]]] = {}
+
     def check_compatible(self, model: ModelInfo) -> None:
         """Raise :class:`~cachepolicy.errors.ParameterError` if this policy cannot run on ``model``.
 

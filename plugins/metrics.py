@@ -38,6 +38,7 @@ class LatentDrift(Metric):
     name: ClassVar[str] = "latent-drift"
     summary: ClassVar[str] = "RMS drift of each token's chunk-mean latent from the first chunk"
     higher_is_better: ClassVar[bool | None] = False
+    value_range: ClassVar[tuple[float | None, float | None]] = (0.0, None)
 
     def compute(self, job: JobData) -> MetricValue:
         latents = job.latents.unsqueeze(0)  # [1, C, T, H, W]
@@ -55,6 +56,7 @@ class Flicker(Metric):
     name: ClassVar[str] = "flicker"
     summary: ClassVar[str] = "mean |frame_t - frame_t-1| (pixels if decoded, else latents)"
     higher_is_better: ClassVar[bool | None] = False
+    value_range: ClassVar[tuple[float | None, float | None]] = (0.0, None)
 
     def compute(self, job: JobData) -> MetricValue:
         if job.frames is not None:
@@ -76,6 +78,7 @@ class FrameStatsDrift(Metric):
     name: ClassVar[str] = "frame-stats-drift"
     summary: ClassVar[str] = "change of per-channel frame mean and std from the first chunk"
     higher_is_better: ClassVar[bool | None] = False
+    value_range: ClassVar[tuple[float | None, float | None]] = (0.0, None)
 
     def compute(self, job: JobData) -> MetricValue:
         video = job.frames.permute(1, 0, 2, 3) if job.frames is not None else job.latents  # [C, T, H, W]
@@ -93,6 +96,7 @@ class CacheTokens(Metric):
     name: ClassVar[str] = "cache-tokens"
     summary: ClassVar[str] = "resident context tokens after each chunk"
     unit: ClassVar[str] = "tokens"
+    value_range: ClassVar[tuple[float | None, float | None]] = (0.0, None)
 
     def compute(self, job: JobData) -> MetricValue:
         curve = [float(r["cache_tokens"]) for r in job.trace]
@@ -104,6 +108,7 @@ class CacheMegabytes(Metric):
     summary: ClassVar[str] = "K/V buffer size after each chunk; scalar = peak"
     unit: ClassVar[str] = "MiB"
     higher_is_better: ClassVar[bool | None] = False
+    value_range: ClassVar[tuple[float | None, float | None]] = (0.0, None)
 
     def compute(self, job: JobData) -> MetricValue:
         curve = [r["cache_bytes"] / 2**20 for r in job.trace]
@@ -115,6 +120,7 @@ class SecondsPerChunk(Metric):
     summary: ClassVar[str] = "wall-clock seconds per chunk"
     unit: ClassVar[str] = "s"
     higher_is_better: ClassVar[bool | None] = False
+    value_range: ClassVar[tuple[float | None, float | None]] = (0.0, None)
     deterministic: ClassVar[bool] = False
 
     def compute(self, job: JobData) -> MetricValue:
@@ -133,6 +139,8 @@ class TokenTrimTriggers(Metric):
     name: ClassVar[str] = "tokentrim-triggers"
     summary: ClassVar[str] = "chunks where TokenTrim triggered (0 without TokenTrim)"
     unit: ClassVar[str] = "chunks"
+    value_range: ClassVar[tuple[float | None, float | None]] = (0.0, None)
+    for_policies: ClassVar[tuple[str, ...]] = ("tokentrim",)
 
     def compute(self, job: JobData) -> MetricValue:
         curve = [_triggered(r) for r in job.trace]
@@ -143,6 +151,7 @@ class FeatureConsistency(Metric):
     name: ClassVar[str] = "feature-consistency"
     summary: ClassVar[str] = "VBench-style subject consistency from local DINO/CLIP-style weights (path=DIR)"
     higher_is_better: ClassVar[bool | None] = True
+    value_range: ClassVar[tuple[float | None, float | None]] = (-1.0, 1.0)  # a cosine similarity
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ class SceneMetric(Metric):
     key: ClassVar[str] = ""
     higher_is_better: ClassVar[bool | None] = False
     needs_ground_truth: ClassVar[bool] = True
+    value_range: ClassVar[tuple[float | None, float | None]] = (0.0, None)
 
     def compute(self, job: JobData) -> MetricValue:
         if job.ground_truth is None or job.frames is None:
@@ -77,6 +78,7 @@ class SceneHistogramDrift(SceneMetric):
     name: ClassVar[str] = "scene-histogram-drift"
     summary: ClassVar[str] = "colour-histogram drift from the first chunk"
     key: ClassVar[str] = "histogram_drift"
+    value_range: ClassVar[tuple[float | None, float | None]] = (0.0, 1.0)  # a total-variation distance
 
 
 @hookimpl

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
@@ -236,6 +237,8 @@ class TokenTrim(Policy):
 
     name: ClassVar[str] = "tokentrim"
     summary: ClassVar[str] = "prune drifting spatial tokens from the cache and regenerate (TokenTrim)"
+    trace_ranges: ClassVar[Mapping[str, tuple[float | None, float | None]]] = {
+        "severity": (0.0, None), "threshold": (0.0, None), "tokentrim_retries": (0.0, None)}
 
     p: float = attrs.field(default=0.1, validator=finite_float(0.0, 1.0, open_low=True, open_high=True))
     lam: float = attrs.field(default=2.0, validator=finite_float(0.0), metadata={SPEC_NAME: "lambda"})

@@ -19,8 +19,8 @@ logger = logging.getLogger(__name__)
 
 def validate(config: CompareConfig) -> None:
     """Check everything that needs no loaded model, before anything is written: each model name and its
-    loader's options, each policy spec (named by position; the same policy twice is refused), the grid's
-    size and seeds, each metric."""
+    loader's options, each policy spec (named by position; the same policy twice is refused), the
+    baseline, the grid's size and seeds, each metric."""
     from cachepolicy.api import build_policies
     from cachepolicy.registry import get_registry
 
@@ -57,6 +57,8 @@ def validate(config: CompareConfig) -> None:
                 f"({config.policies[first - 1]!r}); list each policy once"
             )
         resolved[canonical] = index
+    if config.baseline is not None:
+        baseline_policy(config)
     jobs = len(config.models) * len(config.policies) * len(config.prompts) * len(config.seeds)
     if jobs > MAX_JOBS:
         raise CompareConfigError(f"the grid has {jobs} jobs ({len(config.models)} models x {len(config.policies)} "
@@ -80,6 +82,31 @@ def validate(config: CompareConfig) -> None:
     unknown_options = set(config.metric_options) - set(config.metrics)
     if unknown_options:
         raise CompareConfigError(f"options given for metrics that are not computed: {sorted(unknown_options)}")
+
+
+def baseline_policy(config: CompareConfig) -> str:
+    """The listed policy spec that ``config.baseline`` names (the spec as listed, or one that resolves to
+    the same policies); the first listed when it is None. Raises :class:`CompareConfigError` naming the
+    value and the listed specs when it names none of them."""
+    if config.baseline is None:
+        return config.policies[0]
+    if config.baseline in config.policies:
+        return config.baseline
+    from cachepolicy.api import build_policies
+
+    def canonical(spec: str) -> str | None:
+        try:
+            return "+".join(sorted(p.spec for p in build_policies(*recipe_specs(config.recipe, spec))))
+        except CachePolicyError:
+            return None
+
+    wanted = canonical(config.baseline)
+    for spec in config.policies:
+        if wanted is not None and canonical(spec) == wanted:
+            return spec
+    listed = "; ".join(repr(spec) for spec in config.policies)
+    raise CompareConfigError(f"--baseline {config.baseline!r} is none of the compared policies; it must be one "
+                             f"of: {listed}")
 
 
 def recipe_specs(recipe: str | None, spec: str) -> list[str]:

@@ -39,7 +39,9 @@ class CompareConfig:
     ``models`` holds one or more model names (or diffusers folders); ``model="x"`` is accepted for
     ``models=("x",)``. ``model_options`` apply to every model. ``recipe`` (a name from
     :data:`cachepolicy.recipes.RECIPES`, or None) runs every job under that system's loop, its policies
-    composed with each policy spec (see docs "Recipes").
+    composed with each policy spec (see docs "Recipes"). ``baseline`` (one of ``policies``; None: the first)
+    is the policy the report pairs every other one with; it changes no result, so it is not part of the
+    fingerprint.
     """
 
     models: tuple[str, ...] = attrs.field(converter=_to_models)
@@ -51,6 +53,7 @@ class CompareConfig:
     model_options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
     metric_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, converter=dict)
     recipe: str | None = None
+    baseline: str | None = None
 
     def __init__(self, models: str | Sequence[str] | None = None, *, model: str | None = None,
                  **fields: Any) -> None:
@@ -76,11 +79,14 @@ class CompareConfig:
             "metric_options": {k: dict(v) for k, v in sorted(self.metric_options.items())},
             # only when set, so configurations without a recipe keep their fingerprint
             **({"recipe": self.recipe} if self.recipe is not None else {}),
+            **({"baseline": self.baseline} if self.baseline is not None else {}),
         }
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+        """Of everything that changes the results (the baseline aside)."""
+        data = {k: v for k, v in self.to_json().items() if k != "baseline"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def jobs(self) -> list[Job]:
         """The grid, model by model (the jobs of one model run together: a process holds one model)."""

@@ -136,7 +136,8 @@ def prepare_folder(config: CompareConfig, out: Path, force: bool,
         else:
             if records is None:
                 if not force:
-                    changed = sorted(k for k, v in config.to_json().items() if previous.to_json().get(k) != v)
+                    changed = sorted(k for k, v in config.to_json().items()
+                                     if previous.to_json().get(k) != v and k != "baseline")
                     raise CompareConfigError(
                         f"{out} holds results of another configuration (differs in: "
                         f"{', '.join(changed) or 'version'}); use another --out, rerun with the same settings to "

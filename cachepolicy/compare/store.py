@@ -7,8 +7,9 @@ is not a record of this comparison is damage: :class:`~cachepolicy.errors.Damage
 and the line.
 
 A line is a finished job (``"status": "done"``, or no status in lines written before failures were
-recorded) with its metrics and curves, or a failed job (``"status": "failed"``) with its error. A job that
-failed is run again by the next run of the comparison, whose line then takes its place.
+recorded) with its metrics, curves and its policies' numeric trace fields (``trace_fields``, absent in
+older lines), or a failed job (``"status": "failed"``) with its error. A job that failed is run again by
+the next run of the comparison, whose line then takes its place.
 """
 
 from __future__ import annotations
@@ -54,10 +55,24 @@ def record_problem(record: Mapping[str, Any]) -> str | None:
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             return f"metric {name!r} is {type(value).__name__} {value!r:.60}, not a number"
     for name, curve in record.get("curves", {}).items():
-        if not isinstance(curve, list) or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
-                                                  for v in curve):
+        if not _numbers(curve):
             return f"curve {name!r} is not a list of numbers"
+    fields = record.get("trace_fields", {})  # absent in lines written before policies' trace fields
+    if not isinstance(fields, dict):
+        return f"'trace_fields' is {type(fields).__name__}, not dict"
+    for name, field in fields.items():
+        if (not isinstance(field, dict) or not _number(field.get("value")) or not _numbers(field.get("per_chunk"))
+                or not (_numbers(field.get("range")) and len(field["range"]) == 2)):
+            return f"trace field {name!r} is not {{'value': number, 'per_chunk': [numbers], 'range': [low, high]}}"
     return None
+
+
+def _number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _numbers(values: Any) -> bool:
+    return isinstance(values, list) and all(map(_number, values))
 
 
 class ResultsStore:

@@ -92,7 +92,7 @@ def _write_job_folder(folder: Path, result: Any, preview: Any) -> None:
 def _run_job(job: Job, payload: dict[str, Any]) -> dict[str, Any]:
     from cachepolicy.api import build_policies
     from cachepolicy.engine import RolloutConfig, Session
-    from cachepolicy.metrics import JobData
+    from cachepolicy.metrics import JobData, policy_trace_fields
     from cachepolicy.registry import get_registry
 
     adapter = load_model_cached(job.model, payload["model_options"], payload["load_token"])
@@ -124,6 +124,7 @@ def _run_job(job: Job, payload: dict[str, Any]) -> dict[str, Any]:
                    frames_per_chunk=adapter.info.frames_per_chunk, token_grid=token_grid, prompt=job.prompt,
                    seed=job.seed, policy=job.policy,
                    ground_truth=adapter.ground_truth(job.prompt, job.seed, latents.shape[1]))
+    by_spec = {policy.spec: policy for policy in session.policies}
     registry = get_registry()
     metrics, curves = {}, {}
     for name in payload["metrics"]:
@@ -143,6 +144,8 @@ def _run_job(job: Job, payload: dict[str, Any]) -> dict[str, Any]:
         "status": "done",
         "metrics": metrics,
         "curves": curves,
+        "trace_fields": policy_trace_fields(result.trace, {field: by_spec[spec] for field, spec
+                                                           in session.trace_sources.items()}),
         "preview_decoded": decoded is not None,
         "chunks": len(result.trace),
         "seconds": seconds,

@@ -27,20 +27,29 @@ def config(**overrides):
 
 
 class _Refs(HTMLParser):
+    """The references of a page, and the body rows of each table by its id (``rows``: the summary's)."""
+
     def __init__(self):
         super().__init__()
-        self.refs, self.rows = [], 0
+        self.refs, self.table_rows = [], {}
         self._in_body = False
+        self._table = None
+
+    @property
+    def rows(self):
+        return self.table_rows.get("summary", 0)
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         for key in ("src", "href"):
             if key in attrs:
                 self.refs.append(attrs[key])
+        if tag == "table":
+            self._table = attrs.get("id")
         if tag == "tbody":
             self._in_body = True
         if tag == "tr" and self._in_body:
-            self.rows += 1
+            self.table_rows[self._table] = self.table_rows.get(self._table, 0) + 1
 
     def handle_endtag(self, tag):
         if tag == "tbody":
@@ -58,8 +67,9 @@ def test_report_files_table_and_numbers(tmp_path):
         assert (out / ref).is_file(), f"report.html refers to missing {ref}"
     assert any(r.startswith("plots/") for r in parser.refs) and any(r.startswith("videos/") for r in parser.refs)
     assert parser.rows == 3  # one row per policy
+    assert parser.table_rows["paired"] == 2  # one per policy but the baseline
     markdown = (out / "summary.md").read_text()
-    table = [line for line in markdown.splitlines() if line.startswith("| `")]
+    table = [line for line in markdown.split("## Paired")[0].splitlines() if line.startswith("| `")]
     assert len(table) == 3
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
@@ -137,6 +147,9 @@ def test_a_torn_last_line_is_ignored_and_cut_before_appending(tmp_path):
     (["--policies", "full; sliding-window:frames=2"],
      "policy spec 2 of 2 ('sliding-window:frames=2'): sliding-window: frames=2 is shorter than one chunk"),
     (["--chunks", "400"], "passes the model's rope_max_seq_len=1024"),
+    (["--policies", "full; sliding-window:frames=3", "--baseline", "sliding-window:frames=4"],
+     "--baseline 'sliding-window:frames=4' is none of the compared policies; it must be one of: 'full'; "
+     "'sliding-window:frames=3'"),
 ])
 def test_bad_input_is_refused_before_any_job(tmp_path, capsys, args, message):
     empty = tmp_path / "empty.txt"
@@ -409,3 +422,66 @@ def test_drift_lab_results_of_another_recipe_are_refused(tmp_path, capsys):
     (weights / "config.json").write_text(json.dumps(config))
     assert main(args) == 2
     assert "holds results of other weights" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ baseline and trace fields
+def test_baseline_pairs_and_policies_trace_fields_reach_the_report(tmp_path, capsys):
+    """TokenTrim's numeric trace fields are summarised in its row only; another --baseline resumes the same
+    folder (it changes no result) and pairs the others with it; ``report --baseline`` leaves config.json."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "tiny-wan", "--policies", "full; tokentrim:p=0.2,warmup=1", "--prompts", "a red fox",
+            "--seeds", "0-1", "--chunks", "4", "--metrics", "cache-tokens,latent-drift,tokentrim-triggers",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    records = {r["policy"]: r for r in ResultsStore(out / "results.jsonl").load()}
+    assert records["full"]["trace_fields"] == {}
+    fields = records["tokentrim:p=0.2,warmup=1"]["trace_fields"]
+    assert sorted(fields) == ["tokentrim.severity", "tokentrim.threshold", "tokentrim.tokentrim_retries",
+                              "tokentrim.triggered"]  # severity_attempts and pruned_positions are not numbers
+    trace = [json.loads(line) for line in (out / "jobs" / records["tokentrim:p=0.2,warmup=1"]["job_id"]
+                                           / "trace.jsonl").read_text().splitlines()]
+    assert fields["tokentrim.severity"]["per_chunk"] == [r["severity"][0] for r in trace]
+    assert fields["tokentrim.severity"]["range"] == [0.0, None] and fields["tokentrim.triggered"]["range"] == [0, 1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["baseline"] == "full" and summary["policies"]["full"]["trace_fields"] == {}
+    assert summary["policies"]["tokentrim:p=0.2,warmup=1"]["trace_fields"]["tokentrim.severity"]["n"] == 2
+    page = (out / "report.html").read_text()
+    assert "Policies' own trace fields" in page and (out / "plots" / "trace-tokentrim.severity.png").is_file()
+    assert "Difference from the baseline <code><span class=\"term\">full</span></code>" in page
+
+    config_before = (out / "config.json").read_text()
+    assert main(["report", str(out), "--baseline", "tokentrim:warmup=1,p=0.2"]) == 0  # same policy, other order
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["baseline"] == "tokentrim:p=0.2,warmup=1" and summary["policies"]["full"]["paired"] is not None
+    assert (out / "config.json").read_text() == config_before
+    assert main(["report", str(out), "--baseline", "nope"]) == 2
+    assert "--baseline 'nope' is none of the compared policies" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["baseline"] == "tokentrim:p=0.2,warmup=1"  # unwritten
+
+    before = (out / "results.jsonl").read_bytes()
+    assert main(argv + ["--baseline", "tokentrim:p=0.2,warmup=1"]) == 0  # resumed: nothing runs again
+    assert (out / "results.jsonl").read_bytes() == before
+    assert json.loads((out / "config.json").read_text())["config"]["baseline"] == "tokentrim:p=0.2,warmup=1"
+    assert "## Paired difference from `tokentrim:p=0.2,warmup=1`" in capsys.readouterr().out
+
+
+def test_a_folder_from_before_paired_statistics_still_reports(tmp_path):
+    """Lines without trace fields or resolved policies, a config.json without a baseline."""
+    out = tmp_path / "old"
+    run_compare(config(policies=["full", "sliding-window:frames=3"], num_chunks=2,
+                       metrics=("cache-tokens", "tokentrim-triggers")), out)
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    (out / "results.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in r.items() if k not in ("trace_fields", "policy_resolved")}) + "\n"
+        for r in lines))
+    for name in ("summary.json", "summary.md", "report.html"):
+        (out / name).unlink()
+    assert main(["report", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["baseline"] == "full"
+    means = {p: summary["policies"][p]["metrics"]["cache-tokens"]["mean"] for p in ("full", "sliding-window:frames=3")}
+    assert means["full"] > means["sliding-window:frames=3"]
+    paired = summary["policies"]["sliding-window:frames=3"]["paired"]["cache-tokens"]
+    assert paired["mean"] == means["sliding-window:frames=3"] - means["full"] and paired["resolved"] is True
+    assert summary["policies"]["full"]["metrics_not_applicable"] == ["tokentrim-triggers"]
+    assert "tokentrim-triggers" not in (out / "summary.md").read_text().split("## Metrics")[0]

@@ -63,6 +63,12 @@ def test_a_job_reads_back_as_its_first_finished_line_else_its_last_failure(tmp_p
      "curve 'm' is not a list"),
     ('{"job_id": "x", "policy": "full", "prompt": "a red fox", "seed": 9, "metrics": {}, "curves": {}}',
      "seed 9) is not in the configuration"),
+    ('{"job_id": "x", "policy": "full", "prompt": "a red fox", "seed": 0, "metrics": {}, "curves": {}, '
+     '"trace_fields": []}', "'trace_fields' is list, not dict"),
+    ('{"job_id": "x", "policy": "full", "prompt": "a red fox", "seed": 0, "metrics": {}, "curves": {}, '
+     '"trace_fields": {"t.f": {"value": 1, "per_chunk": ["a"], "range": [0, null]}}}', "trace field 't.f' is not"),
+    ('{"job_id": "x", "policy": "full", "prompt": "a red fox", "seed": 0, "metrics": {}, "curves": {}, '
+     '"trace_fields": {"t.f": {"value": 1, "per_chunk": [1], "range": [0]}}}', "trace field 't.f' is not"),
 ])
 def test_a_damaged_line_is_named_with_its_number(tmp_path, line, problem):
     store = ResultsStore(tmp_path / "results.jsonl")
