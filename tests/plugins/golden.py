@@ -90,10 +90,13 @@ def load(name: str) -> Fixture:
 def rollout(fixture: Fixture, policies: list, *, chunks: int | None = None, prompt: str = "scene0",
             switches: tuple = (), float64_sinusoid: bool = True, observers: list | None = None
             ) -> tuple[RolloutResult, Session]:
-    """Run ``policies`` (plus ``observers``) on the fixture's model, conditioning and noise."""
+    """Run ``policies`` (plus ``observers``) on the fixture's model, conditioning and noise (the first ``chunks``
+    chunks, default all; ``switches`` past them are left out)."""
     adapter = fixture.adapter(float64_sinusoid=float64_sinusoid)
-    config = RolloutConfig(num_chunks=chunks or fixture.chunks, prompts=[prompt], seeds=[0],
-                           sampler=Sampler(table=True), noise=fixture.noise(), prompt_switches=switches,
+    chunks = chunks or fixture.chunks
+    config = RolloutConfig(num_chunks=chunks, prompts=[prompt], seeds=[0],
+                           sampler=Sampler(table=True), noise=fixture.noise(),
+                           prompt_switches=[s for s in switches if s.chunk < chunks],
                            trace_residency=True)
     session = Session(adapter, [*policies, *(observers or [])], config)
     return session.run(), session
