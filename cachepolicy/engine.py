@@ -65,8 +65,8 @@ from cachepolicy.rolling import run_rolling
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CUT_MARK", "Candidate", "PromptSwitch", "RolloutConfig", "RolloutResult", "Session", "StepOutput", "call_each",
-           "rollout"]
+__all__ = ["CUT_MARK", "Candidate", "PromptSwitch", "RolloutConfig", "RolloutResult", "Session", "StepOutput",
+           "call_each", "rollout"]
 
 
 def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:

@@ -72,7 +72,6 @@ def fixture():
 
 @pytest.fixture(scope="module")
 def reproduced(fixture):
-    torch.set_num_threads(1)
     result, session = golden.rollout(fixture, [DeepForcing()], observers=[LayoutRecorder()])
     return result, session.policy_state[LayoutRecorder().spec]
 

@@ -76,7 +76,6 @@ def fixture():
 
 @pytest.fixture(scope="module")
 def reproduced(fixture):
-    torch.set_num_threads(1)
     result, session = golden.rollout(fixture, [InfinityRope()], switches=SWITCHES, observers=[PositionRecorder()])
     return result, session.policy_state[PositionRecorder().spec]
 
