@@ -322,6 +322,14 @@ class TokenTrim(Policy):
                 f"{tuple(grid.shape)}; expected [1, 1, {info.tokens_per_frame}, D] (tokens_per_frame = "
                 f"{info.token_rows}x{info.token_cols})"
             )
+        rolling = session.recipe is not None and session.recipe.rolling is not None
+        if rolling and self.summary_at == "first_step":
+            raise ParameterError(
+                f"tokentrim: summary_at=first_step cannot work under recipe {session.recipe.name!r}: a block's "
+                f"first step runs when it enters the rolling window, while blocks committed after it are still "
+                f"being denoised, and after_step sees each block only as its window's first block, at its last "
+                f"step; use summary_at=final (a retry re-runs one window call)"
+            )
         state: TokenTrimState = self.state(session)
         state.previous = None
         state.history = [[] for _ in range(session.batch_size)]

@@ -96,6 +96,23 @@ def test_a_run_uses_the_example(installed, tmp_path):
     assert [r["cache_tokens"] for r in trace] == [48, 96 - 10, 86 + 48 - 17]
 
 
+def test_the_attention_score_example_is_found_and_runs_as_the_tutorial_says(installed, tmp_path):
+    records = json.loads(cli(installed, "plugins", "--json").stdout)
+    record = next(r for r in records if r["name"] == "attention-score")
+    assert record["distribution"] == DISTRIBUTION and record["entry_point"] == "cachepolicy_attention_score"
+    assert record["hooks"] == ["cachepolicy_layer", "cachepolicy_layer_request", "cachepolicy_select",
+                               "cachepolicy_session_start"]
+    out = tmp_path / "run"
+    result = cli(installed, "run", "tiny-wan", "--policy", "attention-sink:frames=3+attention-score:budget=3",
+                 "--chunks", "6", "--trace-residency", "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    last = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()][-1]
+    cells = last["residency"][0]["cells"]  # layers kept different tokens
+    # every layer: the sink's 3 frames, 3 frames of budget and the new chunk, 16 tokens each
+    for cell in cells:
+        assert sum(16 if v == "all" else len(v) for v in cell["frames"].values()) == 9 * 16
+
+
 def test_bad_parameters_are_refused(installed, tmp_path):
     result = cli(installed, "run", "tiny-wan", "--policy", "random-drop:fraction=2", "--chunks", "1",
                  "--out", str(tmp_path / "bad"))

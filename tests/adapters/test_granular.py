@@ -233,3 +233,31 @@ def test_a_flush_equals_the_oracle_that_sees_exactly_the_kept_tokens():
     assert {int(i) // tpf for i in first_after["resident"][0][0][0]} == {0, 7, 8}
     assert session.cache.epoch == 1
     assert check_rollout_against_full_forward(adapter, result, records) <= TOLERANCE
+
+
+@attrs.frozen
+class FixedHeads(Policy):
+    """Dummy-Forcing-like roles: heads 0 and 1 keep the newest frame, heads 2 and 3 the last two chunks."""
+
+    name: ClassVar[str] = "fixed-heads"
+
+    @hookimpl
+    def cachepolicy_select(self, session, view):
+        info = session.model
+        newest = (session.chunk + 1) * info.frames_per_chunk - 1
+        drop = torch.zeros(info.num_layers, info.num_heads, *view.valid.shape, dtype=torch.bool)
+        drop[:, :2] = view.valid & (view.frame < newest)
+        drop[:, 2:] = view.valid & (view.frame <= newest - 2 * info.frames_per_chunk)
+        return Selection(drop=drop)
+
+
+def test_bounded_head_groups_allocate_nothing_after_warm_up():
+    adapter = load_tiny_wan(seed=8, **MODEL)
+    reallocations = []
+    session = Session(adapter, [FixedHeads()], RolloutConfig(num_chunks=9, prompts=["x"], seeds=[0]),
+                      on_chunk=lambda record: reallocations.append(session.cache.reallocations))
+    result = session.run()
+    tpf = adapter.info.tokens_per_frame
+    assert session.cache.head_lengths() == [[tpf, tpf, 6 * tpf, 6 * tpf]] * MODEL["num_layers"]
+    assert reallocations[3:] == [reallocations[3]] * 6  # the split happened once; then buffers are reused
+    assert result.trace[-1]["cache_tokens_per_head"] == pytest.approx(3.5 * tpf)

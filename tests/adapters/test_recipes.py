@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cachepolicy.adapters.wan.tiny import load_tiny_wan
 from tests.adapters.official_numbers import SIGMAS, SOURCES, TIMESTEPS
-from tests.adapters.original import OriginalBuffer, project_qkv, rotate
+from tests.adapters.original import OriginalRun
 from cachepolicy.api import build_policies
 from cachepolicy.engine import PromptSwitch, RolloutConfig, Session
 from cachepolicy.noise import noise_seed
@@ -27,90 +26,6 @@ from cachepolicy.models import Sampler, flow_match_table, table_sigma
 from cachepolicy.recipes import get_recipe, merge_policy_specs
 
 TOL = 1e-5
-
-
-class OriginalAttention:
-    """Self-attention of a stock Wan block with the original systems' cache arithmetic (tokens)."""
-
-    def __init__(self, layer, run):
-        self.layer, self.run = layer, run
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        run = self.run
-        q, k, v = project_qkv(attn, hidden_states)
-        cos, sin = rotary_emb  # absolute positions of this call's frames, [1, L, 1, D]
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        cache = run.caches[self.layer]
-        num_new = k.shape[1]
-        current_start = run.current_start
-        current_end = current_start + num_new
-        if run.system == "causvid":  # no indices, no eviction
-            cache.k[:, current_start:current_end] = k
-            cache.v[:, current_start:current_end] = v
-            keys, values = cache.k[:, :current_end], cache.v[:, :current_end]
-        else:  # Self Forcing causal_model.py / LongLive causal_model.py
-            size, sink = run.cache_tokens, run.sink_tokens
-            recompute = current_end <= cache.global_end and current_start > 0
-            if run.window_tokens != -1 and current_end > cache.global_end and num_new + cache.local_end > size:
-                evicted = num_new + cache.local_end - size
-                rolled = cache.local_end - evicted - sink
-                cache.k[:, sink:sink + rolled] = cache.k[:, sink + evicted:sink + evicted + rolled].clone()
-                cache.v[:, sink:sink + rolled] = cache.v[:, sink + evicted:sink + evicted + rolled].clone()
-                local_end = cache.local_end + current_end - cache.global_end - evicted
-            else:
-                local_end = cache.local_end + current_end - cache.global_end
-            local_start = local_end - num_new
-            write_start = max(local_start, sink) if recompute else local_start
-            cache.k[:, write_start:local_end] = k[:, write_start - local_start:]
-            cache.v[:, write_start:local_end] = v[:, write_start - local_start:]
-            if sink > 0:
-                budget = run.window_tokens - sink
-                start = max(sink, local_end - budget)
-                keys = torch.cat([cache.k[:, :sink], cache.k[:, start:local_end]], dim=1)
-                values = torch.cat([cache.v[:, :sink], cache.v[:, start:local_end]], dim=1)
-            else:
-                start = 0 if run.window_tokens == -1 else max(0, local_end - run.window_tokens)
-                keys, values = cache.k[:, start:local_end], cache.v[:, start:local_end]
-            if not recompute:
-                cache.global_end = current_end
-            cache.local_end = local_end
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
-        out = out.transpose(1, 2).flatten(2, 3).type_as(q)
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-class OriginalRun:
-    """A stock diffusers model driven like the original repositories drive theirs."""
-
-    def __init__(self, model, system, batch, *, window_frames=-1, sink_frames=0, tokens_per_frame, total_frames,
-                 latent_hw=(8, 8)):
-        self.model, self.system = model, system
-        self.tokens_per_frame = tokens_per_frame
-        self.window_tokens = window_frames * tokens_per_frame if window_frames != -1 else -1
-        self.sink_tokens = sink_frames * tokens_per_frame
-        capacity_frames = total_frames if window_frames == -1 else window_frames
-        self.cache_tokens = capacity_frames * tokens_per_frame
-        heads, dim = model.config.num_attention_heads, model.config.attention_head_dim
-        self.caches = [OriginalBuffer(batch, self.cache_tokens, heads, dim) for _ in model.blocks]
-        for layer, block in enumerate(model.blocks):
-            block.attn1.set_processor(OriginalAttention(layer, self))
-        # absolute RoPE tables of every frame, from diffusers' own rotary module on the full length; each
-        # call then gets the slice of its frames (causal_rope_apply's start_frame)
-        full = torch.zeros(1, model.config.in_channels, total_frames, *latent_hw)
-        self.full_cos, self.full_sin = model.rope(full)
-        self.rope = None
-        model.rope.forward = lambda hidden_states: self.rope
-
-    def forward(self, latent, timestep, frame_start, cond, rope_frame=None):
-        """Model call on frames of ``latent`` [B, C, F, H, W] written at token ``frame_start * tpf``."""
-        rope_frame = frame_start if rope_frame is None else rope_frame
-        tpf, frames = self.tokens_per_frame, latent.shape[2]
-        self.rope = (self.full_cos[:, rope_frame * tpf:(rope_frame + frames) * tpf],
-                     self.full_sin[:, rope_frame * tpf:(rope_frame + frames) * tpf])
-        self.current_start = frame_start * tpf
-        t = torch.full((latent.shape[0],), float(timestep))
-        with torch.no_grad():
-            return self.model(hidden_states=latent, timestep=t, encoder_hidden_states=cond, return_dict=False)[0]
 
 
 def chunk_noise(seeds, chunk, use, shape):
@@ -211,6 +126,22 @@ def test_self_forcing_recipe_equals_the_original_loop_global_and_windowed(offici
         joint, _ = engine_latents(make_adapter(), recipe, 2, PROMPTS, SEEDS, noise=recipe.official_noise())
         assert (seeded.latents - joint.latents).abs().max().item() > 1e-2
         assert (alone.latents[0] - joint.latents[1]).abs().max().item() > 1e-2
+
+
+def test_the_original_loop_with_self_forcings_cross_attention_cache_is_the_same_loop():
+    """The reference side of benchmarks/vs_self_forcing.py: caching the prompt's keys/values as Self Forcing's
+    ``crossattn_cache`` does changes nothing but the work."""
+    outputs = []
+    for cross_cache in (False, True):
+        adapter, reference = make_adapter(), make_adapter().detach()
+        info = adapter.info
+        shape = (info.latent_channels, info.frames_per_chunk, info.latent_height, info.latent_width)
+        run = OriginalRun(reference, "self-forcing", 2, tokens_per_frame=info.tokens_per_frame, total_frames=9,
+                          cross_cache=cross_cache)
+        cond = adapter.encode_prompts(list(PROMPTS))
+        outputs.append(torch.cat([denoise_chunk(run, c, 3 * c, cond, SEEDS, TIMESTEPS["self-forcing"],
+                                                SIGMAS["self-forcing"], shape) for c in range(3)], dim=2))
+    assert (outputs[0] - outputs[1]).abs().max().item() <= 1e-6
 
 
 def test_longlive_recipe_equals_the_original_loop_with_prompt_switches():

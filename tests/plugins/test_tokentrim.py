@@ -492,3 +492,23 @@ def test_window_and_pruning_leave_exactly_the_expected_tokens(tiny_wan, registry
         view = session.cache.view()
         final = {(int(f), int(s)) for f, s, v in zip(view.frame[b], view.spatial_index[b], view.valid[b]) if v}
         assert final == expected
+
+
+def test_first_step_summaries_are_refused_under_a_rolling_window(registry):
+    """Under Rolling Forcing's window a block's first step never reaches after_step: first_step would silently
+    never trigger, so it is refused before any forward; final works."""
+    from cachepolicy.adapters.wan.tiny import load_tiny_wan
+    from cachepolicy.recipes import get_recipe, merge_policy_specs
+
+    recipe = get_recipe("rolling-forcing")
+    for summary_at, refused in (("first_step", True), ("final", False)):
+        specs = merge_policy_specs(recipe, [f"tokentrim:p=0.2,lambda=0,summary_at={summary_at}"])
+        session = Session(load_tiny_wan(seed=3), build_policies(specs, registry.policies),
+                          RolloutConfig(num_chunks=3, prompts=["a"], seeds=[0], recipe=recipe))
+        if refused:
+            with pytest.raises(ParameterError, match="summary_at=first_step cannot work under recipe "
+                                                     "'rolling-forcing'.*use summary_at=final"):
+                session.run()
+            assert session.trace == [] and session.latents == []
+        else:
+            assert len(session.run().trace) == 3
