@@ -216,7 +216,8 @@ def run_to_dir(model: str | ModelAdapter, policies: str | Sequence[str] | Sequen
         "sampler": session.sampler.to_json(),
         "recipe": None if chosen is None else chosen.to_json(),
         "noise": "seeded" if noise is None else repr(noise),
-        "prompt_switches": [{"chunk": s.chunk, "prompts": list(s.prompts)} for s in prompt_switches],
+        "prompt_switches": [{"chunk": s.chunk, "prompts": list(s.prompts), "cut": s.cut}
+                            for s in prompt_switches],
         "versions": _versions(),
         "package_version": _versions()["cachepolicy"],
         "status": "running",

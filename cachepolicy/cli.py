@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "its policies compose with --policy")
     run.add_argument("--switch", action="append", default=[], type=_parse_switch, metavar="CHUNK:PROMPT",
                      help="from chunk CHUNK on, follow PROMPT (repeat for several switches; LongLive's recipe "
-                          "re-caches the recent frames under the new prompt)")
+                          "re-caches the recent frames under the new prompt; a PROMPT starting with '#' marks a "
+                          "scene cut, e.g. 9:'#a beach at night')")
     run.add_argument("--noise", default="seeded", choices=["seeded", "official"],
                      help="seeded: one generator per (sample seed, chunk, use), the default; official: the recipe's "
                           "official script's draws from one generator seeded with --seed (needs --recipe)")

@@ -65,8 +65,8 @@ from cachepolicy.rolling import run_rolling
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Candidate", "PromptSwitch", "RolloutConfig", "RolloutResult", "Session", "StepOutput", "call_each",
-           "rollout"]
+__all__ = ["CUT_MARK", "Candidate", "PromptSwitch", "RolloutConfig", "RolloutResult", "Session", "StepOutput",
+           "call_each", "rollout"]
 
 
 def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -78,16 +78,44 @@ def _prompts(value: Any) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+#: a prompt that starts with this marks its switch as a scene cut (:attr:`PromptSwitch.cut`)
+CUT_MARK = "#"
+
+
 @attrs.frozen
 class PromptSwitch:
     """From ``chunk`` on, the samples follow ``prompts`` (one per sample, or one for all).
 
     Under a recipe with :class:`~cachepolicy.recipes.Recache` (LongLive) the cache is re-encoded under the
     new prompts before ``chunk`` is generated; otherwise only the conditioning changes.
+
+    ``cut``: the switch is a hard scene cut (a policy may treat it differently from a continuing scene, e.g.
+    ``infinity-rope``'s RoPE cut). Prompts that all start with ``#`` (:data:`CUT_MARK`) mark a cut as well
+    (``PromptSwitch(9, "#a beach at night")``, ``--switch '9:#a beach at night'``); the mark is removed
+    before the prompts are encoded. Some prompts marked and others not is an error.
     """
 
     chunk: int = attrs.field()
     prompts: tuple[str, ...] = attrs.field(converter=_prompts)
+    cut: bool = attrs.field(default=False)
+
+    def __attrs_post_init__(self) -> None:
+        marked = [p.startswith(CUT_MARK) for p in self.prompts]
+        if any(marked) and not all(marked):
+            raise RolloutConfigError(f"the prompt switch at chunk {self.chunk} marks a scene cut ('{CUT_MARK}') "
+                                     f"in some prompts only: mark all of {list(self.prompts)} or none")
+        if all(marked):
+            stripped = tuple(p[len(CUT_MARK):].strip() for p in self.prompts)
+            if not all(stripped):
+                raise RolloutConfigError(f"the prompt switch at chunk {self.chunk} has a scene-cut mark "
+                                         f"'{CUT_MARK}' but no prompt after it: {list(self.prompts)}")
+            object.__setattr__(self, "prompts", stripped)  # frozen: set once, during construction
+            object.__setattr__(self, "cut", True)
+
+    @cut.validator
+    def _check_cut(self, attribute: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise RolloutConfigError(f"PromptSwitch.cut must be true or false, got {value!r}")
 
     @chunk.validator
     def _check_chunk(self, attribute: attrs.Attribute, value: Any) -> None:

@@ -253,6 +253,49 @@ def masked_forward(
         hooks()
 
 
+FLOAT64_SINUSOID_HOOK = "cachepolicy_float64_sinusoid"
+
+
+class Float64SinusoidHook(ModelHook):
+    """Replaces ``condition_embedder.timesteps_proj.forward`` (diffusers' float32 ``get_timestep_embedding``) by
+    the original Wan code's float64 sinusoid, ``sinusoidal_embedding_1d``: ``[cos(t * w), sin(t * w)]`` with
+    ``w_i = 10000 ** (-i / half)``, computed in float64 and cast to float32. Diffusers' float32 sinusoid
+    differs from it by about 1e-5 in a rollout's latents (see :func:`use_float64_sinusoid`)."""
+
+    def new_forward(self, module: torch.nn.Module, timesteps: torch.Tensor) -> torch.Tensor:
+        half = module.num_channels // 2
+        position = timesteps.flatten().to(torch.float64)
+        frequencies = torch.pow(10000, -torch.arange(half, device=position.device).to(position).div(half))
+        sinusoid = torch.outer(position, frequencies)
+        return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1).to(torch.float32)
+
+
+def use_float64_sinusoid(model: WanTransformer3DModel, enable: bool = True) -> None:
+    """Compute the timestep sinusoid of ``model`` in float64, as every original Wan-based system does
+    (``wan/modules/model.py:sinusoidal_embedding_1d`` casts the timesteps to float64), instead of diffusers'
+    float32 (``enable=False`` restores diffusers'). A ``diffusers.hooks.ModelHook`` on
+    ``model.condition_embedder.timesteps_proj``: no diffusers code is copied or patched.
+
+    Reproducing a reference implementation to better than ~1e-5 needs it (the golden fixtures'
+    ``tools/golden/README.md`` measures the float32 sinusoid's effect at 1.0e-5 .. 1.1e-5); otherwise it is
+    off, and rollouts use diffusers' arithmetic.
+    """
+    proj = model.condition_embedder.timesteps_proj
+    if not (proj.flip_sin_to_cos and proj.downscale_freq_shift == 0 and proj.scale == 1
+            and proj.num_channels % 2 == 0):
+        raise ParameterError(
+            f"the model's timestep projection (flip_sin_to_cos={proj.flip_sin_to_cos}, "
+            f"downscale_freq_shift={proj.downscale_freq_shift}, scale={proj.scale}, channels={proj.num_channels}) "
+            f"is not Wan's [cos, sin] sinusoid; a float64 sinusoid is defined only for that"
+        )
+    registry = HookRegistry.check_if_exists_or_initialize(proj)
+    present = registry.get_hook(FLOAT64_SINUSOID_HOOK) is not None
+    if enable and not present:
+        registry.register_hook(Float64SinusoidHook(), FLOAT64_SINUSOID_HOOK)
+    elif not enable and present:
+        registry.remove_hook(FLOAT64_SINUSOID_HOOK, recurse=False)
+
+
 def _suspend_rope_hook(model: torch.nn.Module):
     """Remove our RoPE hook while a stock forward runs; return a function that puts it back."""
     registry = getattr(model.rope, "_diffusers_hook", None)

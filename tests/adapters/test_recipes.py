@@ -278,3 +278,24 @@ def test_prompt_switch_at_a_chunk_that_does_not_exist_is_refused():
     with pytest.raises(RolloutConfigError, match="3 prompts for 2 samples"):
         RolloutConfig(num_chunks=5, prompts=["a", "b"], seeds=[0, 1],
                       prompt_switches=[PromptSwitch(3, ["x", "y", "z"])])
+
+
+def test_a_leading_hash_marks_a_scene_cut_and_is_not_encoded():
+    from cachepolicy.cli import _parse_switch
+
+    switch = PromptSwitch(2, "#  a beach at night")
+    assert switch.cut and switch.prompts == ("a beach at night",)
+    assert not PromptSwitch(2, "a beach").cut and PromptSwitch(2, "a beach", cut=True).cut
+    assert PromptSwitch(2, ["#x", "#y"]).prompts == ("x", "y")
+    assert _parse_switch("3:#a dog").cut and _parse_switch("3:#a dog").prompts == ("a dog",)
+    with pytest.raises(RolloutConfigError, match="in some prompts only"):
+        PromptSwitch(2, ["#x", "y"])
+    with pytest.raises(RolloutConfigError, match="no prompt after it"):
+        PromptSwitch(2, "#")
+    seen = []
+    adapter = load_tiny_wan(seed=0)
+    encoder = adapter.text_encoder
+    adapter.text_encoder = lambda prompts: (seen.extend(prompts), encoder(prompts))[1]
+    Session(adapter, [], RolloutConfig(num_chunks=3, prompts=["a"], seeds=[0],
+                                       prompt_switches=[PromptSwitch(2, "#b c")])).check()
+    assert seen == ["a", "b c"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cachepolicy.engine import RolloutConfig, Session
+from cachepolicy.errors import ParameterError
 from cachepolicy.policy import build_policies
 
 
@@ -32,3 +33,26 @@ def test_unsupported_dtype_is_refused(tiny_wan):
 
     with pytest.raises(ParameterError, match="dtype 'int8' is not supported; use one of float32, bfloat16, float16"):
         tiny_wan(dtype="int8")
+
+
+def test_float64_sinusoid_hook_is_the_original_formula_and_can_be_removed(tiny_wan):
+    """``use_float64_sinusoid``: the original Wan ``sinusoidal_embedding_1d`` (float64, then float32), written
+    out here by hand; diffusers' own float32 sinusoid differs from it; removing the hook restores it."""
+    from cachepolicy.adapters.wan.adapter import use_float64_sinusoid
+
+    model = tiny_wan(seed=0).model
+    proj = model.condition_embedder.timesteps_proj
+    t = torch.tensor([1000.0, 937.5, 833.3333129882812, 625.0, 0.0])
+    stock = proj(t)
+    half = proj.num_channels // 2
+    angles = t.double()[:, None] * torch.tensor([10000.0 ** (-i / half) for i in range(half)], dtype=torch.float64)
+    expected = torch.cat([angles.cos(), angles.sin()], dim=1).float()
+    use_float64_sinusoid(model)
+    use_float64_sinusoid(model)  # idempotent
+    assert torch.equal(proj(t), expected)
+    assert (stock - expected).abs().max() > 1e-6  # diffusers' float32 sinusoid is not it
+    use_float64_sinusoid(model, enable=False)
+    assert torch.equal(proj(t), stock)
+    proj.downscale_freq_shift = 1
+    with pytest.raises(ParameterError, match="not Wan.s"):
+        use_float64_sinusoid(model)

@@ -133,7 +133,7 @@ def test_run_with_a_recipe_and_a_prompt_switch(tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["recipe"]["name"] == "longlive"
     assert run["policy_spec"].startswith("attention-sink:frames=3+sliding-window:frames=6+tokentrim")
-    assert run["prompt_switches"] == [{"chunk": 4, "prompts": ["a blue bird"]}]
+    assert run["prompt_switches"] == [{"chunk": 4, "prompts": ["a blue bird"], "cut": False}]
     trace = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
     assert trace[4]["recached_frames"] == [0, 12] and trace[4]["prompt_switch"] == ["a blue bird"]
     assert "recached_frames" not in trace[3]
