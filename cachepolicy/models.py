@@ -281,10 +281,15 @@ def table_sigma(timestep: float, shift: float) -> float:
 class ModelInfo:
     """Static facts about a loaded model that the engine and policies rely on.
 
-    Units: ``frames_per_chunk`` and ``max_frames`` are latent frames; ``tokens_per_frame`` is
-    ``token_rows * token_cols`` tokens; latent sizes are latent pixels. ``sampler`` is the model's default
-    sampler; anything :func:`parse_sampler` accepts is converted (None: ``Sampler()``), anything else is
-    refused with a :class:`~cachepolicy.errors.ParameterError`.
+    Units: ``frames_per_chunk``, ``max_frames`` and ``causal_block_frames`` are latent frames;
+    ``tokens_per_frame`` is ``token_rows * token_cols`` tokens; latent sizes are latent pixels. ``sampler`` is
+    the model's default sampler; anything :func:`parse_sampler` accepts is converted (None: ``Sampler()``),
+    anything else is refused with a :class:`~cachepolicy.errors.ParameterError`.
+
+    ``causal_block_frames``: how one model call attends to its own frames. ``n``: in causal blocks of ``n``
+    frames, a frame sees its own block and the earlier blocks of the call (SkyReels-V2's diffusion-forcing
+    mask, ``num_frame_per_block``); None: every frame of the call sees every other (Wan). Loops that put
+    several chunks into one call (a recipe's joint window) depend on it.
     """
 
     name: str
@@ -302,6 +307,12 @@ class ModelInfo:
     device: str
     dtype: str
     sampler: Sampler = attrs.field(factory=Sampler, converter=as_sampler)
+    causal_block_frames: int | None = attrs.field(default=None)
+
+    @causal_block_frames.validator
+    def _check_blocks(self, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None:
+            _positive(self, attribute, value)
 
     @property
     def tokens_per_frame(self) -> int:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import torch
 from diffusers import SkyReelsV2Transformer3DModel
 from diffusers.models.transformers.transformer_skyreels_v2 import SkyReelsV2AttnProcessor
@@ -139,6 +140,8 @@ class SkyReelsV2Adapter(WanAdapter):
         self.fps = fps
         super().__init__(model, name=name, latent_size=latent_size, text_encoder=text_encoder,
                          frames_per_chunk=frames_per_chunk, sampler=sampler)
+        # a call of several blocks is block-causal inside (chunk_mask); with a block of 1 it is bidirectional
+        self.info = attrs.evolve(self.info, causal_block_frames=block if block > 1 else None)
 
     def chunk_mask(self, num_frames: int, device: torch.device | str) -> torch.Tensor | None:
         """Bool ``[1, 1, n, n]`` in-chunk mask (stock causal blocks), or None when the chunk is bidirectional."""

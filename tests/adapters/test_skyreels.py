@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 
+import attrs
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -230,3 +231,23 @@ def test_compare_runs_both_families_in_one_call(tmp_path):
         assert values and all(math.isfinite(v) for v in values), (line["model"], line["policy"], line["seed"])
     assert list(summary["policies"]) == [f"{m}: {p}" for m in models for p in policies]
     assert all(data["jobs"] == 2 for data in summary["policies"].values())
+
+
+def test_model_info_names_the_in_call_causal_blocks(tiny_wan):
+    """``ModelInfo.causal_block_frames``: what a loop that puts several chunks in one call relies on."""
+    assert load_tiny_skyreels(seed=0).info.causal_block_frames == 3
+    assert load_tiny_skyreels(seed=0, causal_block_size=2, frames_per_chunk=4).info.causal_block_frames == 2
+    assert load_tiny_skyreels(seed=0, causal_block_size=1).info.causal_block_frames is None  # stock: no mask
+    assert tiny_wan(seed=0).info.causal_block_frames is None
+    # a two-chunk call is block-causal: its first chunk's output does not depend on its second
+    adapter = load_tiny_skyreels(seed=0)
+    conditioning = adapter.encode_prompts(["a"])
+    x = torch.randn(1, 4, 6, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    y[:, :, 3:] += 1.0
+    t = torch.full((1, 6), 500.0)
+    a = adapter_forward(adapter, x, t, 0, 0, adapter.new_cache(1), conditioning, False)
+    b = adapter_forward(adapter, y, t, 0, 0, adapter.new_cache(1), conditioning, False)
+    assert torch.equal(a[:, :, :3], b[:, :, :3]) and float((a[:, :, 3:] - b[:, :, 3:]).abs().max()) > 1e-3
+    with pytest.raises(ParameterError, match="causal_block_frames must be a positive integer, got 0"):
+        attrs.evolve(adapter.info, causal_block_frames=0)
