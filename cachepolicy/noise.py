@@ -28,6 +28,11 @@ The official orders (read from the scripts; docs "Recipes" gives file and line):
     chunk is the carried overlap and leaves its slice unused); after each step but the last,
     ``randn([B * F, C, H, W])``. CausVid's script sets no seed: its CUDA generator starts at PyTorch's default
     seed ``67280421310721``.
+``skyreels`` (diffusers' ``SkyReelsV2DiffusionForcingPipeline``, ``prepare_latents``)
+    per iteration of its long-video loop, one ``randn([B, C, T, H, W])`` in float32 (then cast): ``T`` is
+    ``min(total, rollout_frames)`` for the first iteration, ``min(left + overlap_frames, rollout_frames)`` for a
+    later one, whose first ``overlap_frames`` frames the carried prefix replaces (unused); chunk ``c`` takes
+    frames ``c*F - origin ..`` of its iteration's draw. No other draw: UniPC is deterministic.
 None of them draws for the context pass (context noise 0).
 """
 
@@ -145,7 +150,16 @@ class _RecordedStream(NoiseStream):
 
 
 #: the official draw orders :class:`OfficialNoise` knows (see the module docstring)
-OFFICIAL_ORDERS = ("self-forcing", "rolling-forcing", "causvid")
+OFFICIAL_ORDERS = ("self-forcing", "rolling-forcing", "causvid", "skyreels")
+
+
+def _rollout_frames(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None and instance.order == "skyreels":
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ParameterError(f"OfficialNoise.{attribute.name} must be a positive integer"
+                             + (" or None (one iteration)" if instance.order == "skyreels" else "")
+                             + f", got {value!r}")
 
 
 @attrs.frozen
@@ -155,13 +169,20 @@ class OfficialNoise(NoiseSource):
     Attributes:
         order: one of :data:`OFFICIAL_ORDERS`.
         seed: the generator's seed (the official script's ``--seed``).
-        rollout_frames, overlap_frames: CausVid's rollout geometry (``causvid`` only).
+        rollout_frames, overlap_frames: the rollout geometry in latent frames: CausVid's (``causvid``), or
+            SkyReels' long-video iterations (``skyreels``: ``base_num_frames`` and ``overlap_history`` in latent
+            frames; ``rollout_frames=None``: one iteration).
     """
 
     order: str = attrs.field()
     seed: int | None = None
-    rollout_frames: int = 21
-    overlap_frames: int = 3
+    rollout_frames: int | None = attrs.field(default=21, validator=_rollout_frames)
+    overlap_frames: int = attrs.field(default=3)
+
+    @overlap_frames.validator
+    def _check_overlap(self, attribute: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ParameterError(f"OfficialNoise.overlap_frames must be a positive integer, got {value!r}")
 
     @order.validator
     def _check_order(self, attribute: attrs.Attribute, value: str) -> None:
@@ -196,6 +217,11 @@ class _OfficialStream(NoiseStream):
         spec, source = self.spec, self.source
         channels, frames, height, width = spec.shape
         batch = len(spec.seeds)
+        if source.order == "skyreels":
+            if use != 0:
+                raise ParameterError(f"SkyReels' pipeline draws only initial noise (its UniPC solver is "
+                                     f"deterministic), not use {use} of chunk {chunk}")
+            return self._skyreels(chunk)
         if use >= spec.num_steps:
             raise ParameterError(f"the {source.order} script draws no context-pass noise (its context noise is 0)")
         if use == 0:
@@ -218,3 +244,24 @@ class _OfficialStream(NoiseStream):
             return self._frames(noise, (chunk - first) * frames, frames)
         noise = self._randn(batch * frames, channels, height, width).view(batch, frames, channels, height, width)
         return self._frames(noise, 0, frames)
+
+    def _skyreels(self, chunk: int) -> torch.Tensor:
+        """Chunk ``chunk``'s frames of its iteration's ``randn([B, C, T, H, W])`` (float32, then cast)."""
+        import torch
+
+        spec, source = self.spec, self.source
+        channels, frames, height, width = spec.shape
+        total = spec.num_chunks * frames
+        rollout = total if source.rollout_frames is None else source.rollout_frames
+        start = chunk * frames
+        if start < rollout:
+            iteration, origin = 0, 0
+        else:
+            new_frames = rollout - source.overlap_frames
+            iteration = 1 + (start - rollout) // new_frames
+            origin = rollout + (iteration - 1) * new_frames - source.overlap_frames
+        if iteration not in self.initial:
+            shape = (len(spec.seeds), channels, min(total - origin, rollout), height, width)
+            noise = torch.randn(shape, generator=self.generator, device=spec.device, dtype=torch.float32)
+            self.initial[iteration] = noise.to(spec.dtype)
+        return self.initial[iteration][:, :, start - origin:start - origin + frames]

@@ -9,6 +9,8 @@ system and fixes the rest of its inference, as its repository does it:
 * :class:`Restart`: CausVid's long-video restarts, where each new rollout starts from the last frames of
   the previous one at RoPE position 0;
 * :class:`Rolling`: Rolling Forcing's joint rolling window (a different loop, :mod:`cachepolicy.rolling`);
+* :class:`Stagger`: SkyReels-V2's diffusion forcing: blocks denoised jointly at staggered steps with
+  diffusers' UniPC solver (a different loop, :mod:`cachepolicy.stagger`);
 * the cache's RoPE mode (``"raw"`` when the recipe re-rotates cached keys).
 
 Built-in recipes (``cachepolicy recipes`` lists them; semantics and sources in docs "Recipes"):
@@ -39,13 +41,17 @@ Built-in recipes (``cachepolicy recipes`` lists them; semantics and sources in d
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from cachepolicy.errors import ParameterError, RolloutConfigError, UnknownNameError
-from cachepolicy.models import Sampler
+from cachepolicy.models import ModelInfo, Sampler
 from cachepolicy.noise import NoiseSource, OfficialNoise
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffusers import UniPCMultistepScheduler
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -178,6 +184,152 @@ class Rolling:
         return max(0, min(first - 1, room))
 
 
+#: diffusers' ``UniPCMultistepScheduler`` as SkyReels-V2's diffusion-forcing pipelines are built (diffusers'
+#: ``scripts/convert_skyreelsv2_to_diffusers.py``: flow prediction, flow sigmas, 1000 training steps; the shift
+#: is set by :attr:`Stagger.shift`, as the pipeline's documentation does with ``from_config(flow_shift=8.0)``).
+#: The solver settings are diffusers' defaults, pinned here: order 2 (``bh2``) with the UniC corrector after
+#: every step but the first, first order at the last step, the last step to sigma 0.
+UNIPC_CONFIG: dict[str, Any] = {
+    "prediction_type": "flow_prediction",
+    "num_train_timesteps": 1000,
+    "use_flow_sigmas": True,
+    "solver_order": 2,
+    "solver_type": "bh2",
+    "predict_x0": True,
+    "lower_order_final": True,
+    "disable_corrector": [],
+    "final_sigmas_type": "zero",
+    "timestep_spacing": "linspace",
+}
+
+
+def _non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ParameterError(f"{type(instance).__name__}.{attribute.name} must be an integer >= 0, got {value!r}")
+
+
+def _to_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ParameterError(f"Stagger.shift must be a number, got {value!r}") from None
+
+
+def _finite_positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ParameterError(f"{type(instance).__name__}.{attribute.name} must be a finite number > 0, got {value!r}")
+
+
+@attrs.frozen
+class Stagger:
+    """SkyReels-V2's diffusion forcing (diffusers' ``SkyReelsV2DiffusionForcingPipeline``; docs "Recipes").
+
+    Blocks of one chunk are denoised jointly, each ``ar_step`` steps behind the one before, in one model call
+    per step on the blocks being denoised (per-frame integer timesteps, block-causal inside the call); each
+    block has its own UniPC solver state (diffusers' ``UniPCMultistepScheduler``, :data:`UNIPC_CONFIG`). A
+    block is committed (a clean context pass at timestep 0) when its last step is done: every later call
+    attends to it there, as the pipeline's full-sequence call attends to the finished block fed clean at
+    timestep 0. Long videos: the recipe's :class:`Restart` (the pipeline's ``base_num_frames`` and
+    ``overlap_history``, in latent frames).
+
+    Attributes:
+        steps: UniPC steps per block (the pipeline's ``num_inference_steps``).
+        shift: the flow shift of the sigmas, ``shift*s / (1 + (shift-1)*s)`` (``flow_shift``).
+        ar_step: steps a block lags behind the block before it (0: all blocks together).
+    """
+
+    steps: int = attrs.field(default=30, validator=_positive)
+    shift: float = attrs.field(default=8.0, converter=_to_float, validator=_finite_positive)
+    ar_step: int = attrs.field(default=5, validator=_non_negative)
+
+    def scheduler(self) -> UniPCMultistepScheduler:
+        """A fresh UniPC solver with its ``steps`` timesteps set (one per block, as the pipeline deep-copies one
+        per frame)."""
+        from diffusers import UniPCMultistepScheduler
+
+        scheduler = UniPCMultistepScheduler(**UNIPC_CONFIG, flow_shift=self.shift)
+        scheduler.set_timesteps(self.steps, device="cpu")
+        return scheduler
+
+    def timesteps(self) -> list[int]:
+        """The integer timesteps in ``[0, 1000)`` the model is fed, one per step (UniPC's int64 timesteps)."""
+        return [int(t) for t in self.scheduler().timesteps]
+
+    def sigmas(self) -> list[float]:
+        """UniPC's float32 sigmas, one per step and the final 0."""
+        return [float(s) for s in self.scheduler().sigmas]
+
+    def sampler(self, guidance: float = 6.0) -> Sampler:
+        """The :class:`Sampler` that goes with this solver: the model's integer timesteps, context noise 0,
+        ``guidance`` (the sampler's sigmas are not used: UniPC's are)."""
+        return Sampler(denoising_steps=tuple(float(t) for t in self.timesteps()), shift=self.shift, warp=False,
+                       table=True, context_noise=0.0, guidance=guidance)
+
+    def counters(self, num_blocks: int, ready_blocks: int = 0) -> list[tuple[int, ...]]:
+        """Per model call, each block's step counter (``generate_timestep_matrix``'s ``step_index``).
+
+        ``0``: not started; ``i`` in ``1 .. steps``: the block's step ``i-1`` (timestep ``timesteps()[i-1]``);
+        ``steps + 1``: finished. A call denoises the blocks whose counter changed and is at most ``steps``.
+        Block 0 advances by one per call; block ``b`` is ``ar_step`` behind block ``b-1`` while that one still
+        had steps left in the previous call, else advances by one. ``ready_blocks`` leading blocks are finished from the start
+        (a long video's overlap). Calls are made until every block has had its last step.
+        """
+        last = self.steps
+        previous = [last + 1] * ready_blocks + [0] * (num_blocks - ready_blocks)
+        rows: list[tuple[int, ...]] = []
+        while not all(counter >= last for counter in previous):
+            row: list[int] = []
+            for b in range(num_blocks):
+                if b == 0 or previous[b - 1] >= last:
+                    row.append(previous[b] + 1)
+                else:
+                    row.append(row[b - 1] - self.ar_step)
+            previous = [min(max(counter, 0), last + 1) for counter in row]
+            rows.append(tuple(previous))
+        return rows
+
+    def window_blocks(self, num_blocks: int) -> int:
+        """The most blocks one call denoises in a run of ``num_blocks`` blocks."""
+        widest, previous = 0, [0] * num_blocks
+        for row in self.counters(num_blocks):
+            widest = max(widest, sum(1 for a, b in zip(previous, row) if a != b and b <= self.steps))
+            previous = list(row)
+        return widest
+
+    def check(self, model: ModelInfo, sampler: Sampler, prompt_switches: tuple[Any, ...]) -> None:
+        """Raise :class:`RolloutConfigError` unless the model, the sampler and the rollout fit the loop."""
+        frames = model.frames_per_chunk
+        if model.causal_block_frames != frames:
+            raise RolloutConfigError(
+                f"the skyreels stagger denoises several chunks in one model call, block-causally (a frame sees "
+                f"its own chunk and the earlier ones), as SkyReels' pipeline does with causal_block_size: the "
+                f"model must attend in causal blocks of one chunk ({frames} frames), but its calls attend "
+                + ("bidirectionally" if model.causal_block_frames is None
+                   else f"in causal blocks of {model.causal_block_frames} frames")
+                + f"; load it with causal_block_size={frames} (--model-option causal_block_size={frames})"
+            )
+        if sampler.context_noise != 0:
+            raise RolloutConfigError(
+                f"the skyreels stagger feeds finished blocks clean at timestep 0, as SkyReels' pipeline does; "
+                f"a sampler with context_noise={sampler.context_noise:g} is not allowed (use 0)"
+            )
+        wanted = [float(t) for t in self.timesteps()]
+        if list(sampler.timesteps()) != wanted:
+            raise RolloutConfigError(
+                f"the skyreels stagger steps with UniPC ({self.steps} steps, shift {self.shift:g}), which feeds "
+                f"the model timesteps {[int(t) for t in wanted]}; the sampler feeds "
+                f"[{', '.join(f'{t:g}' for t in sampler.timesteps())}]: use Stagger(...).sampler(guidance) for the "
+                f"sampler, and change steps and shift in the recipe's Stagger"
+            )
+        if prompt_switches:
+            raise RolloutConfigError("prompt switches are not supported with the skyreels stagger (blocks of "
+                                     "several prompts would be denoised in one call)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {**attrs.asdict(self), "solver": "UniPCMultistepScheduler", "solver_config": dict(UNIPC_CONFIG),
+                "timesteps": self.timesteps(), "sigmas": self.sigmas()}
+
+
 @attrs.frozen
 class Recipe:
     """A system's inference loop around the engine.
@@ -192,6 +344,7 @@ class Recipe:
         recache: re-cache at prompt switches (LongLive), or None (the prompt just changes).
         restart: long-video restarts (CausVid), or None.
         rolling: Rolling Forcing's joint rolling window, or None (the engine's per-chunk loop).
+        stagger: SkyReels-V2's staggered joint denoising with UniPC, or None.
         rope_mode: the cache's RoPE mode, ``"absolute"`` or ``"raw"`` (keys rotated on read).
         noise_order: the draw order of the system's official script (:class:`~cachepolicy.noise.OfficialNoise`),
             or None.
@@ -205,6 +358,7 @@ class Recipe:
     recache: Recache | None = None
     restart: Restart | None = None
     rolling: Rolling | None = None
+    stagger: Stagger | None = None
     rope_mode: str = "absolute"
     noise_order: str | None = None
 
@@ -214,6 +368,9 @@ class Recipe:
         if self.rolling is not None and (self.recache is not None or self.restart is not None):
             raise ParameterError(f"recipe {self.name!r}: a rolling window cannot be combined with a re-cache "
                                  f"or restarts")
+        if self.stagger is not None and (self.rolling is not None or self.recache is not None):
+            raise ParameterError(f"recipe {self.name!r}: a stagger cannot be combined with a rolling window or a "
+                                 f"re-cache")
         if self.rope_mode not in ("absolute", "raw"):
             raise ParameterError(f"recipe {self.name!r}: rope_mode must be 'absolute' or 'raw', got {self.rope_mode!r}")
         if self.rolling is not None and self.rope_mode != "raw":
@@ -227,7 +384,7 @@ class Recipe:
             raise ParameterError(f"recipe {self.name!r} names no official noise order")
         restart = self.restart
         if restart is None:
-            return OfficialNoise(self.noise_order, seed)
+            return OfficialNoise(self.noise_order, seed, rollout_frames=None if self.stagger is not None else 21)
         return OfficialNoise(self.noise_order, seed, rollout_frames=restart.rollout_frames,
                              overlap_frames=restart.overlap_frames)
 
@@ -246,6 +403,7 @@ class Recipe:
             "recache": None if self.recache is None else attrs.asdict(self.recache),
             "restart": None if self.restart is None else attrs.asdict(self.restart),
             "rolling": None if self.rolling is None else attrs.asdict(self.rolling),
+            "stagger": None if self.stagger is None else self.stagger.to_json(),
             "rope_mode": self.rope_mode,
             "noise_order": self.noise_order,
         }

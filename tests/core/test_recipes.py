@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import attrs
 import pytest
+import torch
 
 from cachepolicy.errors import ParameterError, RolloutConfigError, UnknownNameError
-from cachepolicy.recipes import Recache, Recipe, Restart, Rolling, get_recipe, merge_policy_specs
+from cachepolicy.recipes import Recache, Recipe, Restart, Rolling, Stagger, get_recipe, merge_policy_specs
+
+#: ModelInfo fields of a small model (no adapter needed)
+MODEL_INFO = dict(name="m", adapter="a", frames_per_chunk=3, latent_channels=4, latent_height=2, latent_width=2,
+                  token_rows=1, token_cols=1, num_layers=1, num_heads=1, head_dim=4, max_frames=21, device="cpu",
+                  dtype="float32")
 
 
 def test_causvid_restart_positions_by_hand():
@@ -98,10 +104,68 @@ def test_parse_sampler_accepts_recipes_specs_mappings_and_samplers():
     with pytest.raises(ParameterError, match="sampler noise='stale' is not allowed; choose fresh or predicted"):
         parse_sampler("causvid,noise=stale")
     # the model's sampler goes through the same conversion: no AttributeError deep in the engine
-    info = dict(name="m", adapter="a", frames_per_chunk=3, latent_channels=4, latent_height=2, latent_width=2,
-                token_rows=1, token_cols=1, num_layers=1, num_heads=1, head_dim=4, max_frames=21, device="cpu",
-                dtype="float32")
+    info = MODEL_INFO
     assert ModelInfo(**info, sampler="rolling-forcing").sampler == get_recipe("rolling-forcing").sampler
     assert ModelInfo(**info, sampler=None).sampler == Sampler()
     with pytest.raises(ParameterError, match=r"sampler=\['causvid'\] is not allowed; give a recipe name"):
         ModelInfo(**info, sampler=["causvid"])
+
+
+def test_stagger_schedule_by_hand():
+    # counters: 0 not started, i = step i-1 in this call, steps+1 finished; block b is ar_step behind b-1
+    assert Stagger(steps=3, ar_step=1).counters(3) == [(1, 0, 0), (2, 1, 0), (3, 2, 1), (4, 3, 2), (4, 4, 3)]
+    assert Stagger(steps=3, ar_step=0).counters(3) == [(1, 1, 1), (2, 2, 2), (3, 3, 3)]
+    # ar_step >= steps: a block starts in the call after the one before has had its last step
+    assert Stagger(steps=2, ar_step=5).counters(2) == [(1, 0), (2, 0), (3, 1), (3, 2)]
+    # a finished overlap block first: the others run as from the start
+    assert Stagger(steps=3, ar_step=1).counters(3, ready_blocks=1) == [(4, 1, 0), (4, 2, 1), (4, 3, 2), (4, 4, 3)]
+    assert Stagger(steps=3, ar_step=1).window_blocks(3) == 3 and Stagger(steps=3, ar_step=5).window_blocks(9) == 1
+    assert Stagger(steps=30, ar_step=5).window_blocks(5) == 5 and Stagger(steps=30, ar_step=0).window_blocks(5) == 5
+    assert Stagger(steps=30, ar_step=10).window_blocks(5) == 3
+
+
+def test_stagger_iterations_and_noise_geometry_by_hand():
+    from cachepolicy.noise import NoiseSpec, OfficialNoise
+    from cachepolicy.stagger import iterations
+
+    # 4 chunks of 3 frames, iterations of 6 frames restarting from 3: chunks 0, 1 | overlap 1, chunk 2 | 2, 3
+    assert iterations(4, 3, 6, 3) == [(0, 0, 2), (1, 1, 2), (2, 1, 2)]
+    source = OfficialNoise("skyreels", 5, rollout_frames=6, overlap_frames=3)
+    stream = source.stream(NoiseSpec((0, 1), (2, 3, 1, 1), "cpu", torch.float32, num_chunks=4, num_steps=2))
+    drawn = [stream.draw(chunk, 0) for chunk in range(4)]
+    generator = torch.Generator().manual_seed(5)
+    first, second, third = (torch.randn(2, 2, 6, 1, 1, generator=generator) for _ in range(3))  # [B, C, T, H, W]
+    assert torch.equal(drawn[0], first[:, :, :3]) and torch.equal(drawn[1], first[:, :, 3:])
+    assert torch.equal(drawn[2], second[:, :, 3:]) and torch.equal(drawn[3], third[:, :, 3:])
+    # one iteration (no restart): the whole video in one draw
+    stream = OfficialNoise("skyreels", 5, rollout_frames=None).stream(
+        NoiseSpec((0,), (2, 3, 1, 1), "cpu", torch.float32, num_chunks=3, num_steps=2))
+    whole = torch.randn(1, 2, 9, 1, 1, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(stream.draw(2, 0), whole[:, :, 6:])
+    with pytest.raises(ParameterError, match="draws only initial noise"):
+        stream.draw(0, 1)
+
+
+def test_stagger_fields_and_checks():
+    from cachepolicy.models import ModelInfo, Sampler
+
+    with pytest.raises(ParameterError, match="Stagger.steps must be a positive integer, got 0"):
+        Stagger(steps=0)
+    with pytest.raises(ParameterError, match="Stagger.ar_step must be an integer >= 0, got 1.5"):
+        Stagger(ar_step=1.5)
+    with pytest.raises(ParameterError, match="Stagger.shift must be a number, got 'eight'"):
+        Stagger(shift="eight")
+    with pytest.raises(ParameterError, match="a stagger cannot be combined with a rolling window or a re-cache"):
+        Recipe(name="x", summary="", stagger=Stagger(), recache=Recache())
+    stagger = Stagger(steps=4, ar_step=1)
+    assert stagger.timesteps() == [999, 960, 889, 728] and stagger.sigmas()[-1] == 0.0
+    assert stagger.sampler(6.0).timesteps() == [999.0, 960.0, 889.0, 728.0]
+    info = MODEL_INFO
+    stagger.check(ModelInfo(**info, causal_block_frames=3), stagger.sampler(6.0), ())
+    with pytest.raises(RolloutConfigError, match="in causal blocks of 1 frames; load it with causal_block_size=3"):
+        stagger.check(ModelInfo(**info, causal_block_frames=1), stagger.sampler(6.0), ())
+    with pytest.raises(RolloutConfigError, match="the sampler feeds \\[1000, 937.5, 833.333, 625\\]"):
+        stagger.check(ModelInfo(**info, causal_block_frames=3), Sampler(), ())
+    recipe = Recipe(name="x", summary="", stagger=stagger, noise_order="skyreels")
+    assert recipe.official_noise(3).rollout_frames is None
+    assert recipe.to_json()["stagger"]["timesteps"] == [999, 960, 889, 728]
