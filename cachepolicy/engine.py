@@ -1,9 +1,10 @@
 """The rollout session: its state, its hooks, and the public per-chunk machinery the loops are built from.
 
 ``Session(adapter, policies, config).run()`` checks everything, calls ``session_start``, runs the recipe's
-loop (:func:`cachepolicy.loops.run_chunks`, Self Forcing's chunk loop, or
-:func:`cachepolicy.rolling.run_rolling`, Rolling Forcing's joint window) and ``session_end``. A loop is
-built from these public steps, each taking the chunk's :class:`~cachepolicy.chunk.ChunkBook`:
+loop (:func:`cachepolicy.loops.run_chunks`, Self Forcing's chunk loop, :func:`cachepolicy.rolling.run_rolling`,
+Rolling Forcing's joint window, or :func:`cachepolicy.stagger.run_stagger`, SkyReels-V2's staggered blocks)
+and ``session_end``. A loop is built from these public steps, each taking the chunk's
+:class:`~cachepolicy.chunk.ChunkBook`:
 
 ``begin_chunk``
     a recipe's event before the chunk (CausVid's restart, a prompt switch with LongLive's re-cache), then
@@ -62,6 +63,7 @@ from cachepolicy.noise import NoiseSource, NoiseSpec, NoiseStream, OfficialNoise
 from cachepolicy.policy import Policy, PruneRequest, Resolution, Selection, cache_bound_frames, check_unique, compose
 from cachepolicy.recipes import Recipe
 from cachepolicy.rolling import run_rolling
+from cachepolicy.stagger import run_stagger
 
 logger = logging.getLogger(__name__)
 
@@ -333,6 +335,8 @@ class Session:
                 self.recipe.restart.check(frames)
             if self.recipe.rolling is not None:
                 self.recipe.rolling.check(frames, len(self.sampler.sigmas()))
+            if self.recipe.stagger is not None:
+                self.recipe.stagger.check(self.model, self.sampler, self.config.prompt_switches)
             if self.recipe.rope_mode != "absolute" and self.cache.rope_mode != self.recipe.rope_mode:
                 raise RolloutConfigError(
                     f"recipe {self.recipe.name!r} needs a cache with rope_mode={self.recipe.rope_mode!r}, the "
@@ -357,11 +361,13 @@ class Session:
 
     def _size_cache(self, num_frames: int) -> None:
         """Allocate the buffers once for what the policies allow (:meth:`Policy.cache_bound`) plus the largest
-        call: one chunk, a Rolling Forcing window, or LongLive's re-encoded frames."""
+        call: one chunk, a Rolling Forcing window, SkyReels' staggered blocks, or LongLive's re-encoded frames."""
         tokens_per_frame, frames = self.model.tokens_per_frame, self.model.frames_per_chunk
         call_frames = frames
         if self.recipe is not None and self.recipe.rolling is not None:
             call_frames = frames * min(self.config.num_chunks, len(self.sampler.sigmas()))
+        if self.recipe is not None and self.recipe.stagger is not None:
+            call_frames = frames * self.recipe.stagger.window_blocks(num_frames // frames)
         if self.recipe is not None and self.recipe.recache is not None and self.config.prompt_switches:
             call_frames = max(call_frames, self.recipe.recache.window_frames)
         bound = cache_bound_frames(self.policies, self.model, num_frames)
@@ -381,6 +387,8 @@ class Session:
         try:
             if self.recipe is not None and self.recipe.rolling is not None:
                 run_rolling(self)
+            elif self.recipe is not None and self.recipe.stagger is not None:
+                run_stagger(self)
             else:
                 run_chunks(self)
         finally:

@@ -300,3 +300,38 @@ def test_guidance_must_be_a_finite_non_negative_scale(guidance):
     with pytest.raises(ParameterError, match=r"sampler guidance must be a finite scale >= 0 \(1 = no guidance\), "
                                              rf"got {guidance!r}"):
         Sampler(guidance=guidance)
+
+
+@attrs.frozen
+class Started(Policy):
+    name: ClassVar[str] = "started"
+
+    def new_state(self):
+        return []
+
+    @hookimpl
+    def cachepolicy_session_start(self, session):
+        self.state(session).append("start")
+
+
+def test_a_recipes_stagger_runs_checked_first_and_sized_for_its_widest_call(registry):
+    """A recipe with a Stagger runs its loop (cachepolicy.stagger); Session.check refuses a misfit before any
+    hook or forward; the cache is reserved for the stagger's widest call (3 blocks), not for one chunk."""
+    from cachepolicy.adapters.skyreels.adapter import load_tiny_skyreels
+    from cachepolicy.recipes import Recipe, Stagger
+
+    stagger = Stagger(steps=5, ar_step=2)
+    recipe = Recipe(name="staggered", summary="", stagger=stagger, sampler=stagger.sampler(1.0))
+    adapter = load_tiny_skyreels(seed=1)
+    window = build_policies("sliding-window:frames=3", registry.policies)
+    session, result = run(adapter, window, chunks=5, recipe=recipe, prompts=("a",), seeds=(0,))
+    blocks = [record["window_blocks"] for record in result.trace]
+    assert [record["chunk"] for record in result.trace] == [0, 1, 2, 3, 4]
+    assert max(last - first + 1 for first, last in blocks) == stagger.window_blocks(5) == 3
+    assert session.cache.reallocations == 0
+    policy = Started()
+    session = Session(adapter, [policy], RolloutConfig(num_chunks=2, prompts=("a",), seeds=(0,), recipe=recipe,
+                                                       sampler=attrs.evolve(recipe.sampler, context_noise=5)))
+    with pytest.raises(RolloutConfigError, match="context_noise=5 is not allowed"):
+        session.run()
+    assert session.policy_state[policy.spec] == [] and session.latents == []
