@@ -279,8 +279,14 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
         print(f"{recipe.name}: {recipe.summary}")
         if recipe.sampler is not None:
             sampler = recipe.sampler
+            sigmas = sampler.sigmas() if recipe.stagger is None else recipe.stagger.sigmas()[:-1]
             print(f"    timesteps {', '.join(f'{t:g}' for t in sampler.timesteps())}; sigmas "
-                  f"{', '.join(f'{s:.4f}' for s in sampler.sigmas())}; context noise {sampler.context_noise:g}")
+                  f"{', '.join(f'{s:.4f}' for s in sigmas)}; context noise {sampler.context_noise:g}"
+                  + (f"; guidance {sampler.guidance:g}" if sampler.guided else ""))
+        if recipe.stagger is not None:
+            stagger = recipe.stagger
+            print(f"    UniPC (order 2, corrector) per block, {stagger.steps} steps, shift {stagger.shift:g}; blocks "
+                  f"denoised jointly, block-causally, each {stagger.ar_step} steps behind the one before (ar_step)")
         if recipe.policies:
             print(f"    policies {'+'.join(recipe.policies)}")
         if recipe.recache is not None:

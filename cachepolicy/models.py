@@ -211,17 +211,24 @@ def parse_sampler(value: Any) -> Sampler:
 
     terms = [term.strip() for term in value.split(",") if term.strip()]
     base = Sampler()
+    samplers = [name for name, recipe in RECIPES.items() if recipe.sampler is not None and recipe.stagger is None]
     if terms and "=" not in terms[0]:
         name = terms.pop(0)
         if name not in RECIPES:
             raise ParameterError(
-                f"sampler={value!r}: {name!r} is not a recipe ({', '.join(RECIPES)}); give a recipe name, "
+                f"sampler={value!r}: {name!r} is not a recipe ({', '.join(samplers)}); give a recipe name, "
                 f"KEY=VALUE terms ({', '.join(SAMPLER_SPEC_KEYS)}) or both, e.g. sampler=causvid or "
                 f"sampler=steps=1000/750/500/250,shift=5,warp=true,table=true"
             )
         recipe = get_recipe(name)
         if recipe.sampler is None:
             raise ParameterError(f"sampler={value!r}: recipe {recipe.name!r} has no sampler of its own")
+        if recipe.stagger is not None:
+            raise ParameterError(
+                f"sampler={value!r}: recipe {recipe.name!r} steps with UniPC in its own loop, which a sampler "
+                f"cannot select (the per-chunk loop would re-noise at its timesteps instead); run it with "
+                f"--recipe {recipe.name} (recipe={recipe.name!r} in Python)"
+            )
         base = recipe.sampler
     changes: dict[str, Any] = {}
     for term in terms:
@@ -230,7 +237,7 @@ def parse_sampler(value: Any) -> Sampler:
         if not eq or key not in SAMPLER_SPEC_KEYS:
             raise ParameterError(
                 f"sampler term {term!r} is not allowed; write KEY=VALUE with KEY one of "
-                f"{', '.join(SAMPLER_SPEC_KEYS)}, optionally after a recipe name ({', '.join(RECIPES)})"
+                f"{', '.join(SAMPLER_SPEC_KEYS)}, optionally after a recipe name ({', '.join(samplers)})"
             )
         if key == "steps":
             try:

@@ -37,6 +37,12 @@ Built-in recipes (``cachepolicy recipes`` lists them; semantics and sources in d
     1000/800/600/400/200 warped with shift 5 through the float32 training table, a rolling window of 5
     blocks denoised jointly (one block per step), a 3-frame anchor re-rotated to sit before the working
     cache, 21 attended frames.
+``skyreels``
+    SkyReels-V2 diffusion forcing as diffusers' ``SkyReelsV2DiffusionForcingPipeline`` (0.42.1) runs it: UniPC
+    (order 2, predictor-corrector) over 30 flow steps with shift 8, integer timesteps to the model,
+    classifier-free guidance 6 against the empty prompt, ``ar_step=5`` between blocks of one chunk, and
+    long videos in iterations of 25 latent frames (``base_num_frames=97``) that restart from the last
+    5 frames (``overlap_history=17``).
 """
 
 from __future__ import annotations
@@ -409,6 +415,11 @@ class Recipe:
         }
 
 
+#: the model timesteps of SkyReels' 30 UniPC steps with shift 8 (``Stagger().timesteps()`` with diffusers 0.42.1),
+#: written out so that importing the recipes does not import diffusers; the tests check they are UniPC's
+SKYREELS_TIMESTEPS = (999, 995, 991, 986, 981, 975, 969, 963, 956, 949, 941, 932, 923, 912, 901, 889, 875, 859, 842,
+                      822, 800, 774, 744, 709, 667, 616, 553, 473, 367, 221)
+
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
     for recipe in (
@@ -451,6 +462,18 @@ RECIPES: dict[str, Recipe] = {
             rolling=Rolling(anchor_frames=3, max_attention_frames=21),
             rope_mode="raw",
             noise_order="rolling-forcing",
+        ),
+        Recipe(
+            name="skyreels",
+            summary="SkyReels-V2 diffusion forcing: 30 UniPC steps (shift 8), guidance 6, blocks denoised jointly "
+                    "5 steps apart, iterations of 25 frames restarted from the last 5",
+            source="diffusers 0.42.1 pipelines/skyreels_v2/pipeline_skyreels_v2_diffusion_forcing.py, "
+                   "scripts/convert_skyreelsv2_to_diffusers.py; SkyworkAI/SkyReels-V2@abed76f generate_video_df.py",
+            sampler=Sampler(denoising_steps=SKYREELS_TIMESTEPS, shift=8.0, warp=False, table=True,
+                            context_noise=0.0, guidance=6.0),
+            stagger=Stagger(steps=30, shift=8.0, ar_step=5),
+            restart=Restart(rollout_frames=25, overlap_frames=5),
+            noise_order="skyreels",
         ),
     )
 }

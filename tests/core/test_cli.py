@@ -142,9 +142,16 @@ def test_run_with_a_recipe_and_a_prompt_switch(tmp_path, capsys):
 def test_recipes_lists_the_built_in_recipes(capsys):
     assert main(["recipes", "--json"]) == 0
     recipes = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert set(recipes) == {"self-forcing", "causvid", "longlive", "rolling-forcing"}
+    assert set(recipes) == {"self-forcing", "causvid", "longlive", "rolling-forcing", "skyreels"}
     assert recipes["causvid"]["sampler"]["timesteps"] == [1000.0, 757.0, 522.0]
     assert recipes["longlive"]["recache"] == {"window_frames": 12, "sink_frames": 3}
+    stagger = recipes["skyreels"]["stagger"]
+    assert (stagger["steps"], stagger["shift"], stagger["ar_step"], stagger["solver"]) == (
+        30, 8.0, 5, "UniPCMultistepScheduler")
+    assert stagger["timesteps"][:3] == [999, 995, 991] and len(stagger["sigmas"]) == 31
+    assert recipes["skyreels"]["sampler"]["guidance"] == 6.0
+    assert main(["recipes"]) == 0
+    assert "blocks denoised jointly, block-causally, each 5 steps behind" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["run", "tiny-wan", "--chunks", "2", "--switch", "x:y", "--out", "x"])
     assert "write CHUNK:PROMPT" in capsys.readouterr().err
