@@ -333,6 +333,14 @@ class TokenTrim(Policy):
                 f"being denoised, and after_step sees each block only as its window's first block, at its last "
                 f"step; use summary_at=final (a retry re-runs one window call)"
             )
+        stagger = session.recipe.stagger if session.recipe is not None else None
+        if stagger is not None and stagger.ar_step < stagger.steps and self.summary_at == "first_step":
+            raise ParameterError(
+                f"tokentrim: summary_at=first_step cannot work under recipe {session.recipe.name!r}: a block's "
+                f"first step runs while the block before it is still being denoised (ar_step={stagger.ar_step} < "
+                f"{stagger.steps} steps), and after_step sees a block only once it is its call's first block, "
+                f"from step {stagger.steps - stagger.ar_step} on; use summary_at=final (a retry re-runs one call)"
+            )
         state: TokenTrimState = self.state(session)
         state.previous = None
         state.history = [[] for _ in range(session.batch_size)]

@@ -28,7 +28,7 @@ from cachepolicy.errors import ParameterError, RolloutConfigError
 from cachepolicy.hookspecs import hookimpl
 from cachepolicy.models import Sampler, parse_sampler
 from cachepolicy.noise import NoiseSpec, OfficialNoise, RecordedNoise
-from cachepolicy.policy import Policy, PruneRequest
+from cachepolicy.policy import Policy, PruneRequest, build_policies
 from cachepolicy.recipes import SKYREELS_TIMESTEPS, UNIPC_CONFIG, Recipe, Restart, Stagger, get_recipe
 from cachepolicy.stagger import iterations
 
@@ -348,3 +348,19 @@ def test_a_restart_after_a_shared_final_call_is_refused():
     with pytest.raises(RolloutConfigError, match="re-run chunk 1, which finished in the same call as chunk 0"):
         run_recipe(recipe_for(**CASES["synchronous"]), 9, policies=[PruneAtReady()])
 
+
+
+def test_tokentrim_composes_with_final_summaries_and_refuses_first_step(registry):
+    """A block after the first leads its calls only from step steps - ar_step on: TokenTrim's first-step
+    summaries would score block 0 alone, silently; final summaries run (and may re-run a call)."""
+    recipe = recipe_for(**CASES["stagger"])
+    with pytest.raises(ParameterError, match="first step runs while the block before it is still being denoised "
+                                             "\\(ar_step=2 < 5 steps\\).*from step 3 on; use summary_at=final"):
+        run_recipe(recipe, policies=build_policies("tokentrim", registry.policies), **CASES["stagger"])
+    policies = build_policies("tokentrim:summary_at=final,p=0.3,lambda=0,warmup=1", registry.policies)
+    result, _ = run_recipe(recipe, policies=policies, **CASES["stagger"])
+    assert sum(record["retries"] for record in result.trace) >= 1  # lambda=0: it prunes and re-runs
+    assert bool(torch.isfinite(result.latents).all())
+    # ar_step >= steps: every block leads from its step 0, so first-step summaries see every block
+    sequential = recipe_for(**{**CASES["stagger"], "ar_step": 5})
+    run_recipe(sequential, policies=build_policies("tokentrim", registry.policies), **CASES["stagger"])
