@@ -361,17 +361,22 @@ class Session:
 
     def _size_cache(self, num_frames: int) -> None:
         """Allocate the buffers once for what the policies allow (:meth:`Policy.cache_bound`) plus the largest
-        call: one chunk, a Rolling Forcing window, SkyReels' staggered blocks, or LongLive's re-encoded frames."""
+        call: one chunk, a Rolling Forcing window, SkyReels' staggered blocks, or LongLive's re-encoded frames.
+        A call's new frames are frames of the video, so resident and new frames never pass ``num_frames``
+        together (a full cache is sized for the video, as Self Forcing's buffer is); re-encoded frames are
+        resident ones run again."""
         tokens_per_frame, frames = self.model.tokens_per_frame, self.model.frames_per_chunk
-        call_frames = frames
+        new_frames = frames
         if self.recipe is not None and self.recipe.rolling is not None:
-            call_frames = frames * min(self.config.num_chunks, len(self.sampler.sigmas()))
+            new_frames = frames * min(self.config.num_chunks, len(self.sampler.sigmas()))
         if self.recipe is not None and self.recipe.stagger is not None:
-            call_frames = frames * self.recipe.stagger.window_blocks(num_frames // frames)
+            new_frames = frames * self.recipe.stagger.window_blocks(num_frames // frames)
+        bound = cache_bound_frames(self.policies, self.model, num_frames)
+        total, call_frames = min(bound + new_frames, max(num_frames, new_frames)), new_frames
         if self.recipe is not None and self.recipe.recache is not None and self.config.prompt_switches:
             call_frames = max(call_frames, self.recipe.recache.window_frames)
-        bound = cache_bound_frames(self.policies, self.model, num_frames)
-        self.cache.reserve(call_frames * tokens_per_frame, total=(bound + call_frames) * tokens_per_frame)
+            total = max(total, bound + self.recipe.recache.window_frames)
+        self.cache.reserve(call_frames * tokens_per_frame, total=total * tokens_per_frame)
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> RolloutResult:

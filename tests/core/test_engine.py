@@ -335,3 +335,15 @@ def test_a_recipes_stagger_runs_checked_first_and_sized_for_its_widest_call(regi
     with pytest.raises(RolloutConfigError, match="context_noise=5 is not allowed"):
         session.run()
     assert session.policy_state[policy.spec] == [] and session.latents == []
+
+
+@pytest.mark.parametrize("spec, frames", [("", 15), ("attention-sink:frames=3+sliding-window:frames=3", 9)])
+def test_the_cache_is_sized_once_for_what_the_policies_allow(tiny_wan, registry, spec, frames):
+    """A full cache holds the whole video (the last chunk's provisional slot is its own frames), a window its
+    frames plus one chunk; nothing is reallocated during the rollout."""
+    policies = build_policies(spec, registry.policies) if spec else []
+    session = Session(tiny_wan(), policies, RolloutConfig(num_chunks=5, prompts=["a"], seeds=[0]))
+    session.run()
+    tokens = frames * session.model.tokens_per_frame
+    assert session.cache.reallocations == 0
+    assert [cell.k.shape[1] for cell in session.cache.cells] == [tokens] * session.model.num_layers
