@@ -152,3 +152,16 @@ def load(method: str) -> Fixture:
 def token_ids(runs: list[list[int]]) -> list[int]:
     """Half-open ``[start, end)`` runs of global token ids (``frame * tokens_per_frame + raster index``) -> ids."""
     return [i for start, end in runs for i in range(start, end)]
+
+
+def held_by_head(record: dict[str, Any]) -> dict[int, list[int]]:
+    """Per head, the sorted token ids the reference's caches held after a context pass: one ``cache_after_ctx``
+    record, whose ``*_heads`` groups list their ``heads`` and runs of ids per cache part (``tokens``: a count)."""
+    out = {}
+    for key, group in record.items():
+        if not key.endswith("_heads"):
+            continue
+        ids = sorted(i for name, runs in group.items() if name not in ("heads", "tokens") for i in token_ids(runs))
+        for head in group["heads"]:
+            out[head] = ids
+    return out

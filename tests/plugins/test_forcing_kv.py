@@ -41,19 +41,6 @@ def reference_run(fixture):
     return policy, result, session, held
 
 
-def expected_held(record: dict) -> dict[int, list[int]]:
-    """Per head, the token ids the reference's caches held after a context pass (``cache_after_ctx``)."""
-    out = {}
-    for key, group in record.items():
-        if not key.endswith("_heads"):
-            continue
-        ids = sorted(i for name, runs in group.items() if name not in ("heads", "tokens")
-                     for i in reference_fixture.token_ids(runs))
-        for head in group["heads"]:
-            out[head] = ids
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # Against the reference
 # --------------------------------------------------------------------------------------------------
@@ -83,7 +70,7 @@ def test_every_layer_and_head_holds_what_the_reference_held(fixture, reference_r
     records = fixture.decisions["cache_after_ctx"]
     assert len(records) == fixture.num_chunks * 3
     for record in records:
-        want = expected_held(record)
+        want = reference_fixture.held_by_head(record)
         got = held[record["chunk"]][record["layer"]]
         assert {head: got[head] for head in want} == want, (record["chunk"], record["layer"])
     # the split is real: separate head groups, each attended over its own tokens
