@@ -32,6 +32,7 @@ _LAZY = {
     "read_run": "cachepolicy.api",
     "available_policies": "cachepolicy.api",
     "available_models": "cachepolicy.api",
+    "calibrate": "cachepolicy.calibrate",
     "Policy": "cachepolicy.policy",
     "Selection": "cachepolicy.policy",
     "PruneRequest": "cachepolicy.policy",

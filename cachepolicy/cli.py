@@ -158,6 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--no-progress", action="store_true",
                          help="no progress bars (without a terminal: no line per job)")
 
+    calibrate = sub.add_parser(
+        "calibrate", help="measure every attention head of a model and write Forcing-KV head roles (JSON)",
+        description="Generate --chunks chunks of one prompt with every frame kept, measure where each head's "
+                    "attention goes in the last chunk's denoising steps and write static / dynamic head roles in "
+                    "the Forcing-KV reference's JSON format (static iff the mass on the chunk and the anchor frame "
+                    "over the mass past the sink is at least --threshold). Use with --policy "
+                    "'forcing-kv:roles=ROLES.json'.")
+    calibrate.add_argument("model", help="model name (see 'cachepolicy plugins') or a diffusers Wan folder")
+    calibrate.add_argument("--out", required=True, metavar="ROLES.json", help="the role file to write")
+    calibrate.add_argument("--prompt", action="append", default=[],
+                           help="prompt (repeat for several samples; default: the documented calibration prompt)")
+    calibrate.add_argument("--seed", type=_non_negative, default=0, help="seed of the first sample (default 0)")
+    calibrate.add_argument("--chunks", type=_positive, default=7,
+                           help="chunks generated; the last one is measured (default 7: frames 18..20)")
+    calibrate.add_argument("--steps", default=None, metavar="I,J,...",
+                           help="denoising-step indices of the measured chunk (default: every step)")
+    calibrate.add_argument("--sink-frames", type=_non_negative, default=3,
+                           help="sink frames left out of the denominator (default 3, as the shipped files)")
+    calibrate.add_argument("--threshold", type=float, default=0.8, help="static iff the ratio >= this (default 0.8)")
+    calibrate.add_argument("--model-option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
+                           help="option passed to the model loader (e.g. seed=1, path=DIR)")
+    calibrate.add_argument("--device", default=None, help="torch device of the model (default: the loader's, cpu)")
+    calibrate.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    calibrate.add_argument("--force", action="store_true", help="replace an existing --out file")
+
     report = sub.add_parser("report", help="rewrite the report of a compare folder from its results",
                             description="Regenerate summary.json, summary.md and report.html from "
                                         "DIR/config.json and DIR/results.jsonl.")
@@ -245,6 +270,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
     with FolderLock(folder, "cachepolicy report"):
         write_report(folder, config, records)
     print(f"report: {folder / 'report.html'}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from cachepolicy.calibrate import calibrate
+    from cachepolicy.errors import ParameterError
+
+    steps = None
+    if args.steps is not None:
+        try:
+            steps = [int(part) for part in args.steps.split(",")]
+        except ValueError:
+            raise ParameterError(f"--steps {args.steps!r}: write step indices separated by commas, e.g. 0,1,2,3") \
+                from None
+    payload = calibrate(args.model, out=args.out, prompts=args.prompt or None, seed=args.seed, chunks=args.chunks,
+                        steps=steps, sink_frames=args.sink_frames, threshold=args.threshold,
+                        model_options=_model_options(args), force=args.force)
+    found = payload["calibration"]
+    print(f"wrote {args.out}: {found['static']} static / {found['dynamic']} dynamic heads "
+          f"({payload['num_layers']} layers x {payload['num_heads']} heads)")
     return 0
 
 
@@ -399,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = _install_stop_handlers()
     try:
         commands = {"plugins": _cmd_plugins, "run": _cmd_run, "recipes": _cmd_recipes, "compare": _cmd_compare,
-                    "report": _cmd_report}
+                    "report": _cmd_report, "calibrate": _cmd_calibrate}
         return commands[args.command](args)
     except BrokenPipeError:  # e.g. 'cachepolicy plugins --json | head'
         sys.stderr.close()

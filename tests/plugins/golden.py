@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -22,8 +22,10 @@ from safetensors.torch import load_file
 from cachepolicy.adapters.wan.adapter import WanAdapter, use_float64_sinusoid
 from cachepolicy.adapters.wan.checkpoints import load_training_checkpoint
 from cachepolicy.engine import RolloutConfig, RolloutResult, Session
+from cachepolicy.hookspecs import hookimpl
 from cachepolicy.models import Sampler
 from cachepolicy.noise import RecordedNoise
+from cachepolicy.policy import Policy
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "golden"
 #: the fixtures' budget: max abs difference of the latents (fp32)
@@ -113,3 +115,49 @@ def chunk_errors(result: RolloutResult, fixture: Fixture) -> list[float]:
 def token_ids(runs: list[list[int]]) -> list[int]:
     """Half-open ``[start, end)`` runs -> the token ids they cover."""
     return [i for start, end in runs for i in range(start, end)]
+
+
+def held_by_head(record: dict[str, Any]) -> dict[int, list[int]]:
+    """Per head, the sorted token ids the reference's caches held after a context pass: one ``cache_after_ctx``
+    record of a per-head fixture (Forcing-KV, Dummy Forcing), whose ``*_heads`` groups list their ``heads`` and
+    runs of ids per cache part (``tokens``: a count, skipped)."""
+    out = {}
+    for key, group in record.items():
+        if not key.endswith("_heads"):
+            continue
+        ids = sorted(i for name, runs in group.items() if name not in ("heads", "tokens") for i in token_ids(runs))
+        for head in group["heads"]:
+            out[head] = ids
+    return out
+
+
+def assert_heads_hold(fixture: Fixture, held: dict[int, list[list[list[int]]]]) -> None:
+    """Every (chunk, layer, head) of ``held`` (a :class:`HeadLayout` state) holds exactly what the reference's
+    caches held after that chunk's context pass, and every record covers every head."""
+    records = fixture.decisions["cache_after_ctx"]
+    num_layers, num_heads = fixture.meta["tiny_model"]["num_layers"], fixture.meta["tiny_model"]["num_heads"]
+    assert len(records) == fixture.chunks * num_layers
+    for record in records:
+        want = held_by_head(record)
+        assert sorted(want) == list(range(num_heads)), record["label"]
+        got = held[record["chunk"]][record["layer"]]
+        assert {head: got[head] for head in want} == want, (record["label"], record["layer"])
+
+
+@attrs.frozen
+class HeadLayout(Policy):
+    """Observer: after each chunk's compaction, the sorted token ids (``frame * n + row * cols + col``) every
+    (layer, head) holds in sample 0: ``state[chunk][layer][head]``. Changes nothing."""
+
+    name: ClassVar[str] = "head-layout"
+
+    def new_state(self) -> dict[int, list[list[list[int]]]]:
+        return {}
+
+    @hookimpl
+    def cachepolicy_after_compaction(self, session: Session, chunk: int) -> None:
+        view = session.cache.view()
+        ids = view.frame * session.model.tokens_per_frame + view.spatial_index
+        held = session.cache.held()  # [L, H, B, S]
+        self.state(session)[chunk] = [[sorted(ids[0][held[layer, head, 0]].tolist()) for head in range(held.shape[1])]
+                                      for layer in range(held.shape[0])]
