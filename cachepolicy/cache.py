@@ -245,6 +245,9 @@ class KVCache:
         self.serial = next(_SERIALS)
         #: tokens one forward writes at most (its provisional slot), for sizing buffers
         self.call_tokens = 0
+        #: tokens a cell holds at most during a forward (what the policies allow plus one call), when known:
+        #: a buffer that must grow grows to it, not past it (see :meth:`reserve`)
+        self.bound: int | None = None
         capacity = max(int(capacity), 0)
         self.lengths: list[int] = [0] * batch_size
         self.meta = {name: torch.empty(batch_size, capacity, dtype=torch.long, device=self.device)
@@ -308,19 +311,34 @@ class KVCache:
         cell; with ``total``, size the buffers for ``total`` tokens now (what the policies allow plus one call),
         so that a rollout within that bound never reallocates.
 
-        Without ``total`` growth is geometric (x1.5) into uninitialised memory, so a growing cache reallocates
-        O(log n) times.
+        Without a bound growth is geometric (x1.5) into uninitialised memory, so a growing cache reallocates
+        O(log n) times. With one, a split residency (a layer or head group holding its own tokens, sized for
+        them when it split) grows geometrically too, but never past ``total``.
         """
         self.call_tokens = max(self.call_tokens, extra_tokens)
+        if total is not None:
+            self.bound = max(int(total), 0)
         capacity = _grown(self.capacity, self.max_length + extra_tokens, total)
         if capacity is not None:
             self._grow_table(capacity)
         residencies = self.residencies()
-        for residency in residencies:  # a bound is for the shared residency; split ones are sized when split
-            capacity = _grown(residency.capacity, residency.max_length + extra_tokens,
-                              total if len(residencies) == 1 else None)
+        for residency in residencies:
+            if len(residencies) == 1:
+                capacity = _grown(residency.capacity, residency.max_length + extra_tokens, total)
+            else:
+                capacity = self._cell_growth(residency.capacity, residency.max_length + extra_tokens)
             if capacity is not None:
                 self._resize(residency, capacity)
+
+    def _cell_growth(self, capacity: int, needed: int) -> int | None:
+        """The new capacity of a cell buffer of ``capacity`` tokens that must hold ``needed``: x1.5, capped
+        at :attr:`bound` while ``needed`` is within it; None when it need not change."""
+        if needed <= capacity:
+            return None
+        target = max(needed, math.ceil(capacity * 1.5))
+        if self.bound is not None and needed <= self.bound:
+            target = min(target, self.bound)
+        return target
 
     def _grow_table(self, capacity: int) -> None:
         used, had = self.max_length, self.capacity > 0
@@ -865,8 +883,9 @@ class KVCache:
             return plan
         n = context.num_tokens
         size = residency.max_length
-        if size + n > residency.capacity:
-            self._resize(residency, max(size + n, math.ceil(residency.capacity * 1.5)))
+        capacity = self._cell_growth(residency.capacity, size + n)
+        if capacity is not None:
+            self._resize(residency, capacity)
         if residency.zeroed < size + n:  # first read of these positions: make them finite in every sample
             for cell in self.cells:
                 if cell.residency is residency:

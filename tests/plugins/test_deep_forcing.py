@@ -214,3 +214,20 @@ def test_recent_shorter_than_a_chunk_is_refused_before_the_run():
     with pytest.raises(ParameterError, match="recent=2 is shorter than a chunk"):
         Session(load_tiny_wan(seed=0), [DeepForcing(sink=1, budget=4, recent=2, window=8)],
                 RolloutConfig(num_chunks=2, prompts=["a"], seeds=[0])).run()
+
+
+def test_layers_compressed_on_their_own_stay_within_the_bound():
+    """Each layer compresses to its own keep set (its own buffer, sized for the kept tokens plus one chunk);
+    when it must grow for the next chunk it grows to the policy's bound (window + one chunk), not x1.5 past
+    it, so the peak cache is the bound's."""
+    adapter = load_tiny_wan(seed=0, num_layers=4)
+    capacities = []
+    session = Session(adapter, [DeepForcing(window=12, sink=5, budget=9, recent=3)],
+                      RolloutConfig(num_chunks=9, prompts=["a"], seeds=[0]),
+                      on_chunk=lambda record: capacities.append(max(c.k.shape[1] for c in session.cache.cells)))
+    result = session.run()
+    bound = (12 + 3) * adapter.info.tokens_per_frame
+    assert session.cache.split  # the layers did compress on their own
+    assert max(capacities) == bound
+    assert max(record["cache_bytes"] for record in result.trace) == pytest.approx(
+        bound * adapter.info.num_layers * adapter.info.num_heads * session.cache.head_dim * 4 * 2, rel=0)
