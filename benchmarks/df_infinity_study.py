@@ -51,7 +51,8 @@ def paired(values: list[float]) -> tuple[float, float]:
     return mean, float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
 
 
-def table(outs: list[Path]) -> str:
+def table(outs: list[Path], policies: list[str] = POLICIES) -> str:
+    """Markdown: per policy of ``policies``, each metric's mean and its paired difference from ``full``."""
     jobs = [json.loads(line) for out in outs for line in (out / "results.jsonl").read_text().splitlines()
             if line.strip()]
     by = {}
@@ -60,7 +61,7 @@ def table(outs: list[Path]) -> str:
             by.setdefault(job["policy"], {})[(job["prompt"], job["seed"])] = job["metrics"]
     base = by["full"]
     lines = ["| policy | jobs | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
-    for policy in POLICIES:
+    for policy in policies:
         runs = by.get(policy, {})
         cells = []
         for metric in METRICS:
@@ -77,8 +78,10 @@ def table(outs: list[Path]) -> str:
 
 
 def plot(outs: list[Path], folder: Path, metrics: tuple[str, ...] = ("scene-background-error",
-                                                                  "scene-histogram-drift", "cache-mb")) -> None:
-    """Per metric, the mean curve over chunks of every policy (all jobs of ``outs``) as ``folder/<metric>.png``."""
+                                                                  "scene-histogram-drift", "cache-mb"),
+         policies: list[str] = POLICIES) -> None:
+    """Per metric, the mean curve over chunks of every policy of ``policies`` (all jobs of ``outs``) as
+    ``folder/<metric>.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,10 +90,10 @@ def plot(outs: list[Path], folder: Path, metrics: tuple[str, ...] = ("scene-back
     jobs = [json.loads(line) for out in outs for line in (out / "results.jsonl").read_text().splitlines()
             if line.strip()]
     folder.mkdir(parents=True, exist_ok=True)
-    styles = ["-", "--", ":", "-", "-."]
+    styles = ["-", "--", ":", "-", "-.", "--"]
     for metric in metrics:
         fig, ax = plt.subplots(figsize=(6.4, 3.4))
-        for policy, style in zip(POLICIES, styles):
+        for policy, style in zip(policies, styles):
             curves = [job["curves"][metric] for job in jobs if job["policy"] == policy and job.get("status") == "done"]
             if not curves:
                 continue
