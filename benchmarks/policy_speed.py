@@ -75,7 +75,7 @@ def build_model(args: argparse.Namespace) -> Any:
 
 def write_roles(path: Path, num_layers: int, num_heads: int) -> None:
     """Forcing-KV roles with Self Forcing's share of static heads (134 / 360) in every layer."""
-    from cachepolicy.plugins.forcing_kv import head_roles_json
+    from cachepolicy.calibrate import head_roles_json
 
     static = round(num_heads * 134 / 360)
     payload = head_roles_json([list(range(static))] * num_layers,

@@ -23,7 +23,7 @@ mass over key frames [3:]"). What the reference leaves open (FIELD_POLICIES.md 2
 * **sink**: the first ``sink_frames`` = 3 frames (the shipped files' "sink_3"); **anchor**: 1 frame;
   **threshold**: 0.8, static iff ``>=`` (the script's comparison; the paper writes ``>``).
 
-The file is written in the reference's format (:func:`cachepolicy.plugins.forcing_kv.head_roles_json`), with the
+The file is written in the reference's format (:func:`head_roles_json`; ``forcing-kv`` reads it), with the
 settings and every head's score under ``"calibration"``.
 """
 
@@ -54,6 +54,27 @@ DEFAULT_PROMPT = "a dog running happily along a beach, the camera following it"
 ROW_BLOCK = 256
 #: columns of :func:`part_masses`: mass on the sink frames, the other earlier frames, the anchor, the chunk
 PARTS = ("sink", "middle", "anchor", "current")
+
+
+#: the ``format`` string of the reference's shipped head-role files (``configs_head/*.json``)
+ROLES_FORMAT = "forcingkv_offline_head_custom2"
+
+
+def head_roles_json(static: Sequence[Sequence[int]], dynamic: Sequence[Sequence[int]], *, profile: str,
+                    description: str, **extra: Any) -> dict[str, Any]:
+    """A head-role file in the reference's format (loads in the reference's ``_load_offline_head_groups`` and in
+    :func:`read_head_roles`); ``extra`` top-level keys (e.g. the calibration's settings) are added after."""
+    num_heads = len(static[0]) + len(dynamic[0])
+    return {
+        "format": ROLES_FORMAT,
+        "profile": profile,
+        "num_layers": len(static),
+        "num_heads": num_heads,
+        "description": description,
+        "layers": [{"layer_idx": layer, "static_head": sorted(int(h) for h in s),
+                    "dynamic_head": sorted(int(h) for h in d)} for layer, (s, d) in enumerate(zip(static, dynamic))],
+        **extra,
+    }
 
 
 def part_masses(resident: torch.Tensor, own: torch.Tensor, frame: torch.Tensor, *, sink_frames: int,
@@ -152,7 +173,6 @@ def calibrate(model: str | ModelAdapter, *, out: str | Path, prompts: Sequence[s
     from cachepolicy.api import load_model
     from cachepolicy.engine import RolloutConfig, Session
     from cachepolicy.outputs import atomic_write_json, check_writable
-    from cachepolicy.plugins.forcing_kv import head_roles_json
     from cachepolicy.validation import check_int
 
     path = Path(out)

@@ -43,8 +43,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from cachepolicy.engine import Session
     from cachepolicy.models import ModelInfo
 
-#: the ``format`` string of the reference's shipped head-role files (``configs_head/*.json``)
-ROLES_FORMAT = "forcingkv_offline_head_custom2"
 #: the keys the reference's loader (``_load_offline_head_groups``) reads a layer's static / dynamic heads from
 STATIC_KEYS = ("static_head", "static_heads", "local_head", "local_heads", "spatial_head", "spatial_heads")
 DYNAMIC_KEYS = ("dynamic_head", "dynamic_heads", "temporal_head", "temporal_heads")
@@ -187,23 +185,6 @@ def read_head_roles(path: str | Path, num_layers: int, num_heads: int) -> HeadRo
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ParameterError(f"forcing-kv: roles file {str(path)!r} is not readable JSON: {exc}") from None
     return parse_head_roles(payload, num_layers, num_heads, source=str(path))
-
-
-def head_roles_json(static: Sequence[Sequence[int]], dynamic: Sequence[Sequence[int]], *, profile: str,
-                    description: str, **extra: Any) -> dict[str, Any]:
-    """A head-role file in the reference's format (loads in the reference's ``_load_offline_head_groups`` and in
-    :func:`read_head_roles`); ``extra`` top-level keys (e.g. the calibration's settings) are added after."""
-    num_heads = len(static[0]) + len(dynamic[0])
-    return {
-        "format": ROLES_FORMAT,
-        "profile": profile,
-        "num_layers": len(static),
-        "num_heads": num_heads,
-        "description": description,
-        "layers": [{"layer_idx": layer, "static_head": sorted(int(h) for h in s),
-                    "dynamic_head": sorted(int(h) for h in d)} for layer, (s, d) in enumerate(zip(static, dynamic))],
-        **extra,
-    }
 
 
 # --------------------------------------------------------------------------------------------------

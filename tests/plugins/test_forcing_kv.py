@@ -12,12 +12,12 @@ import attrs
 import pytest
 import torch
 
+from cachepolicy.calibrate import head_roles_json
 from cachepolicy.engine import RolloutConfig, Session
 from cachepolicy.errors import CompositionError, ParameterError
 from cachepolicy.plugins.forcing_kv import (
     ForcingKV,
     bottom_segments,
-    head_roles_json,
     kept_segments,
     parse_head_roles,
     read_head_roles,
