@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, then run the main job: compare four cache policies on the embedded default model (the drift
+# Set up, then run the main job: compare five cache policies on the embedded default model (the drift
 # lab, trained here) and write a report (table, plots, side-by-side videos). Rerunning resumes; pass
 # another folder as $1 to start anew.
 set -euo pipefail
@@ -8,7 +8,7 @@ bash scripts/setup.sh
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 out="${1:-runs/compare}"
 .venv/bin/cachepolicy compare drift-lab \
-    --policies "full; sliding-window:frames=9; attention-sink:frames=3+sliding-window:frames=6; attention-sink:frames=3+sliding-window:frames=6+tokentrim:p=0.1" \
+    --policies "full; attention-sink:frames=3+sliding-window:frames=6; infinity-rope:window=5,sink=1,flush_keep=1; forcing-kv:roles=benchmarks/drift_lab_roles.json,segments=8; dummy-forcing" \
     --prompts "a red triangle bouncing slowly over a gray-to-purple gradient; two cyan discs bouncing slowly over an olive-to-maroon gradient" \
     --seeds 0-3 --chunks 12 --out "$out"
 echo "open $out/report.html (summary in $out/summary.md, raw results in $out/results.jsonl)"
