@@ -525,9 +525,14 @@ def _load_preview(path: Path) -> Any:
 
 # ----------------------------------------------------------------------------------------- HTML
 def _spec_html(spec: str) -> str:
-    """A spec in ``<code>``, breakable before each ``+`` only."""
+    """A spec in ``<code>``: each ``+`` term kept on one line where it fits; a term too long for its column
+    breaks after its ``:`` and between its parameters (after a ``,``), never inside a name or a value."""
     terms = spec.split("+")
-    return ("<code>" + "".join(f'<span class="term">{"+" if i else ""}{html.escape(t)}</span>'
+
+    def term(text: str) -> str:
+        return html.escape(text).replace(":", ":<wbr>").replace(",", ",<wbr>")
+
+    return ("<code>" + "".join(f'<span class="term">{"+" if i else ""}{term(t)}</span>'
                                for i, t in enumerate(terms)) + "</code>")
 
 
@@ -648,7 +653,7 @@ table {{ border-collapse: collapse; font-size: 0.85em; margin-bottom: 0.5em; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 6px; text-align: right; white-space: nowrap; }}
 th {{ vertical-align: bottom; white-space: normal; }}
 td:first-child, th:first-child, .spec {{ text-align: left; white-space: normal; }}
-span.term {{ white-space: nowrap; display: inline-block; }}
+span.term {{ display: inline-block; }}
 .pm {{ font-size: 0.9em; color: #555; }}
 table.legend td, table.legend th {{ text-align: left; white-space: normal; }}
 .meta {{ font-weight: normal; font-size: 0.85em; color: #555; }}

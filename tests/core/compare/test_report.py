@@ -217,8 +217,9 @@ def test_the_html_says_what_is_resolved_and_labels_videos_in_full(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert '<td class="better" title="6 pairs; 95% CI [' in page and "paired t-test p = " in page
     assert page.count('class="unresolved"') == 3  # the sink's cache-mb; cache-tokens (equal in every job)
-    assert ('<code><span class="term">attention-sink:frames=1</span><span class="term">+sliding-window:frames=3'
-            '</span></code>') in page  # whole, breaking only before a '+'
+    assert ('<code><span class="term">attention-sink:<wbr>frames=1</span><span class="term">+sliding-window:<wbr>'
+            'frames=3</span></code>') in page  # a term per block; inside one, breaks only after ':' and ','
+    assert "span.term { display: inline-block; }" in page
     assert 'title="left to right: full | sliding-window:frames=3 | attention-sink:frames=1+sliding-window' in page
     assert "tokentrim-triggers" in page.split('id="metrics"')[1]  # named as not shown, and why
     assert "tokentrim-triggers" not in page.split('id="metrics"')[0]
