@@ -13,7 +13,9 @@ itself) and everything else the engine and the policies do (noise, hooks, select
 Targets (issues "core engine" and "engine v2"): overhead <= 1% of chunk time; memory flat under a window:
 the mean of the last 10% of chunks within 5% of the mean of the first 10% after warm-up (the window is full).
 Memory is the process's resident set on CPU, ``torch.cuda.memory_allocated`` on CUDA, plus the cache's
-own K/V buffer size.
+own K/V buffer size. The committed latents (the video itself, kept on the CPU; 0.07 MB per chunk here) grow with
+the rollout by design, so the target is on the resident set minus them (``memory_growth``); the raw resident
+set's growth is reported too (``memory_growth_raw``).
 """
 
 from __future__ import annotations
@@ -56,10 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     policies = build_policies(args.policy, discover().policies)
     device = torch.device(args.device)
     memory: list[int] = []
+    video: list[int] = []
     cache_bytes: list[int] = []
 
     def on_chunk(record: dict) -> None:
         memory.append(resident_bytes(device))
+        video.append(sum(latent.numel() * latent.element_size() for latent in session.latents))
         cache_bytes.append(record["cache_bytes"])
 
     config = RolloutConfig(num_chunks=args.chunks, prompts=("benchmark",), seeds=(0,),
@@ -74,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     tenth = max(1, args.chunks // 10)
     warm = next((i for i, r in enumerate(result.trace) if r["dropped_tokens"] and any(r["dropped_tokens"].values())),
                 0)
-    first = memory[warm:warm + tenth]
-    last = memory[-tenth:]
+    engine = [total - latents for total, latents in zip(memory, video)]
+    first, last = engine[warm:warm + tenth], engine[-tenth:]
     memory_growth = statistics.mean(last) / statistics.mean(first) - 1.0
+    memory_growth_raw = statistics.mean(memory[-tenth:]) / statistics.mean(memory[warm:warm + tenth]) - 1.0
     cache_growth = statistics.mean(cache_bytes[-tenth:]) / statistics.mean(cache_bytes[warm:warm + tenth]) - 1.0
     summary = {
         "policy": args.policy,
@@ -90,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         "memory_first_mb": statistics.mean(first) / 2**20,
         "memory_last_mb": statistics.mean(last) / 2**20,
         "memory_growth": memory_growth,
+        "memory_growth_raw": memory_growth_raw,
+        "video_mb_last": video[-1] / 2**20,
         "cache_mb_last": cache_bytes[-1] / 2**20,
         "cache_growth": cache_growth,
         "cache_reallocations": session.cache.reallocations,
@@ -110,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         ("model forwards (ms)", f"{summary['forward_ms']:.2f}"),
         ("engine + policy overhead (ms)", f"{summary['overhead_ms']:.3f}"),
         ("overhead fraction (target <= 1%)", f"{100 * overhead_fraction:.2f}%"),
-        ("memory first 10% after warm-up (MB)", f"{summary['memory_first_mb']:.1f}"),
-        ("memory last 10% (MB)", f"{summary['memory_last_mb']:.1f}"),
+        ("memory first 10% after warm-up (MB, without the video)", f"{summary['memory_first_mb']:.1f}"),
+        ("memory last 10% (MB, without the video)", f"{summary['memory_last_mb']:.1f}"),
         ("memory growth (target <= 5%)", f"{100 * memory_growth:+.2f}%"),
+        ("video latents at the end (MB); raw growth", f"{summary['video_mb_last']:.1f}; "
+                                                      f"{100 * memory_growth_raw:+.2f}%"),
         ("cache K/V buffer (MB), growth", f"{summary['cache_mb_last']:.2f}, {100 * cache_growth:+.2f}%"),
         ("cache reallocations", str(summary["cache_reallocations"])),
     ]
