@@ -5,6 +5,7 @@ model of another size refused), per-sample decisions and bad input."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import ClassVar
 
@@ -153,6 +154,27 @@ def test_a_file_in_the_shipped_self_forcing_format_loads_and_drives_a_30_layer_1
         by_heads = {cell.heads: cell.lengths[0] for cell in cells}
         assert by_heads == {roles.static[layer]: 2 * tokens, roles.dynamic[layer]: 3 * tokens}
     assert result.trace[-1]["forcing_kv_segments"][0] and "forcing_kv_segments" not in result.trace[1]
+
+
+SHIPPED_ROLES = "configs_head/forcingkv_heads_selfforcing.json"
+
+
+@pytest.mark.skipif(not os.environ.get("FORCING_KV_CHECKOUT"),
+                    reason="needs a checkout of zju-jiyicheng/Forcing-KV in FORCING_KV_CHECKOUT (its files are not "
+                           "committed here); the lookalike test above covers the format")
+def test_the_self_forcing_file_shipped_with_the_reference_drives_the_policy(tiny_wan):
+    """The reference's own role file (checked at 50ac1f45: 134 static / 226 dynamic heads) on a 30 x 12 model."""
+    path = Path(os.environ["FORCING_KV_CHECKOUT"]) / SHIPPED_ROLES
+    roles = read_head_roles(path, 30, 12)
+    assert roles.counts() == (134, 226)
+    adapter = tiny_wan(seed=3, num_layers=30, num_attention_heads=12, attention_head_dim=12, latent_size=(6, 8))
+    session = Session(adapter, [ForcingKV(roles=str(path))], RolloutConfig(num_chunks=4, prompts=["a"], seeds=[0]))
+    result = session.run()
+    assert bool(torch.isfinite(result.latents).all())
+    tokens = adapter.info.tokens_per_frame
+    for layer in range(1, 30):
+        by_heads = {cell.heads: cell.lengths[0] for cell in session.cache.layer_cells(layer)}
+        assert by_heads == {roles.static[layer]: 2 * tokens, roles.dynamic[layer]: 3 * tokens}
 
 
 def test_roles_for_a_model_of_another_size_are_refused(fixture, tiny_wan, tmp_path):
