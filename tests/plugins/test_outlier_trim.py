@@ -3,7 +3,9 @@ chunk's frames only through the real engine (scripted and tiny-wan), batching, a
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from cachepolicy.policy import build_policies
 from tests.plugins.scripted import ScriptedAdapter
 
 TOLERANCE = 1e-5
+STUDY = Path(__file__).resolve().parents[2] / "benchmarks" / "fault_study.py"
 
 
 def approx_list(values):
@@ -204,6 +207,23 @@ def test_a_latent_fault_is_pruned_from_its_own_chunk_only(registry):
     _, alone = tiny_run(f"outlier-trim+{FAULT}", registry, [1])
     assert [r["pruned_positions"][1] for r in result.trace] == [r["pruned_positions"][0] for r in alone.trace]
     assert torch.allclose(result.latents[1:], alone.latents, atol=1e-5)
+
+
+def test_placed_fault_of_the_study_equals_the_fault_policy(registry):
+    spec = importlib.util.spec_from_file_location("fault_study", STUDY)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    _, reference = tiny_run(FAULT, registry, [0, 1])
+    placed = study.PlacedFault(chunk=3, target="latent", scale=10.0, per_sample=[(5, 6, 9, 10)] * 2)
+    adapter = load_tiny_wan(0, latent_size=(8, 8), num_layers=1)
+    config = RolloutConfig(num_chunks=6, prompts=["scene 0", "scene 1"], seeds=[0, 1], sampler=TINY_SAMPLER)
+    result = Session(adapter, [placed], config).run()
+    assert torch.equal(result.latents, reference.latents)
+    # the window search: most / least energy, ties to the lower top-left index
+    energy = torch.zeros(1, 16)
+    energy[0, [10, 11, 14, 15]] = 1.0
+    assert study.best_window(energy, 4, 4, 2, most=True) == [(10, 11, 14, 15)]
+    assert study.best_window(energy, 4, 4, 2, most=False) == [(0, 1, 4, 5)]
 
 
 # --------------------------------------------------------------------------------------------------
