@@ -37,7 +37,8 @@ lab"); one command, about 30 minutes on one CPU thread with 16 samples::
   and the paired differences from the fault alone;
 * clean runs with each policy: false triggers per sample and their cost (MAD to the untrimmed clean run).
 
-A Markdown table is printed (``--json``: machine-readable).
+A Markdown table is printed (``--json``: machine-readable; ``--plots DIR``: PNGs; ``--from-json FILE``: the
+table and plots of a saved ``--json`` report, without running).
 
 ``tiny-wan`` has random weights: this is a mechanism check (does the detector see the corrupted positions,
 does pruning change what follows), not a quality result. ``--lab DIR`` runs the same study on a drift-lab
@@ -308,6 +309,54 @@ def extended_table(report: dict[str, Any], variant: str) -> str:
     return "\n".join(lines)
 
 
+def plot_extended(report: dict[str, Any], out_dir: str) -> list[str]:
+    """Write the --extended report's plots as PNGs (matplotlib, Agg) into ``out_dir``; returns their paths.
+
+    ``mad.png``: MAD to the clean run per fault (fault alone, + tokentrim, + variant; bars are means, whiskers
+    the 95% t intervals). ``clean.png``: false triggers per sample and their cost on clean runs.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    rows = report["faults"]
+    labels = [f"{'sink' if r['where'] == 'sink' else r['where']}\nscale {r['scale']:g}" for r in rows]
+    arms = [("mad_fault", "fault alone", "#999999"), ("mad_tokentrim", "fault + tokentrim", "#d62728"),
+            ("mad_variant", f"fault + {report['variant']}", "#1f77b4")]
+    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=110)
+    width = 0.27
+    for i, (key, name, colour) in enumerate(arms):
+        means = [r[key]["mean"] for r in rows]
+        errors = [[r[key]["mean"] - r[key]["ci_low"] for r in rows], [r[key]["ci_high"] - r[key]["mean"] for r in rows]]
+        ax.bar([x + (i - 1) * width for x in range(len(rows))], means, width, yerr=errors, capsize=2, label=name,
+               color=colour)
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("MAD to the clean run (latent units)")
+    ax.set_title(f"latent faults, {rows[0]['mad_fault']['n']} samples (95% t intervals)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = [os.path.join(out_dir, "mad.png")]
+    fig.savefig(paths[0])
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(7, 2.8), dpi=110)
+    for ax, key, title in ((axes[0], "false_triggers", "false triggers per sample"),
+                           (axes[1], "cost_mad", "cost: MAD to the clean run")):
+        stats = [r[key] for r in report["clean"]]
+        ax.bar(range(len(stats)), [st["mean"] for st in stats],
+               yerr=[[st["mean"] - st["ci_low"] for st in stats], [st["ci_high"] - st["mean"] for st in stats]],
+               capsize=3, color=["#d62728", "#1f77b4"][: len(stats)])
+        ax.set_xticks(range(len(stats)), [r["policy"] for r in report["clean"]], fontsize=8)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle("clean runs (no fault)", fontsize=10)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "clean.png"))
+    fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
+
+
 def fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -344,8 +393,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=3, help="--extended: side of the faulted token window")
     parser.add_argument("--sink-spec", default="attention-sink:frames=3+sliding-window:frames=6",
                         help="--extended: the cache policies of the sink-fault rows")
+    parser.add_argument("--plots", default=None, metavar="DIR", help="--extended: also write PNG plots into DIR")
+    parser.add_argument("--from-json", default=None, metavar="FILE",
+                        help="--extended: print the table (and --plots) of a saved --json report instead of running")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.from_json:
+        with open(args.from_json) as handle:
+            saved = json.load(handle)
+        print(extended_table(saved, saved["variant"]))
+        if args.plots:
+            print("plots: " + ", ".join(plot_extended(saved, args.plots)))
+        return 0
 
     started = time.perf_counter()
     registry = discover()
@@ -424,6 +483,8 @@ def extended_main(adapter, registry, args, clean: RolloutResult, seeds: list[int
           f"chunks, latent faults of {args.window}x{args.window} tokens at chunk {args.fault_chunk} (sink: chunk 0 "
           f"under {args.sink_spec}); {len(seeds)} samples\n")
     print(extended_table(report, args.variant))
+    if args.plots:
+        print("plots: " + ", ".join(plot_extended(report, args.plots)))
     print(f"\n({report['seconds']:.1f} s, {torch.get_num_threads()} thread(s))")
     return 0
 
