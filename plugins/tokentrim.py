@@ -184,6 +184,51 @@ def prune_mask(view: CacheView, unstable: torch.Tensor, samples: torch.Tensor, n
     return hit & view.valid & samples.to(device).unsqueeze(1)
 
 
+def check_session(name: str, summary_at: str, session: Session, label: str | None = None) -> None:
+    """Session-start checks shared by the drift-triggered pruning policies (``tokentrim``, ``outlier-trim``).
+
+    The adapter must lay a ``[1, C, 1, H, W]`` latent out as a ``[1, 1, N, D]`` token grid (a one-frame zero
+    probe), and ``summary_at=first_step`` is refused under recipes whose blocks are first denoised while
+    another block is (rolling and staggered recipes). Errors name the policy ``name`` (``label``: how the
+    token-grid error calls it, default ``name``).
+    """
+    import torch
+
+    info = session.model
+    probe = torch.zeros(1, info.latent_channels, 1, info.latent_height, info.latent_width,
+                        device=session.cache.device, dtype=session.cache.dtype)
+    try:
+        grid = session.adapter.token_grid(probe)
+    except NotImplementedError as exc:
+        raise ParameterError(
+            f"{name} cannot run on model {info.name!r}: its adapter {info.adapter!r} provides no "
+            f"token-grid mapping (ModelAdapter.token_grid), which {label or name} needs to compare latent "
+            f"summaries token by token; use an adapter that implements token_grid"
+        ) from exc
+    if grid.ndim != 4 or grid.shape[:3] != (1, 1, info.tokens_per_frame):
+        raise ParameterError(
+            f"{name}: adapter {info.adapter!r} maps a [1, C, 1, H, W] latent to a token grid of shape "
+            f"{tuple(grid.shape)}; expected [1, 1, {info.tokens_per_frame}, D] (tokens_per_frame = "
+            f"{info.token_rows}x{info.token_cols})"
+        )
+    rolling = session.recipe is not None and session.recipe.rolling is not None
+    if rolling and summary_at == "first_step":
+        raise ParameterError(
+            f"{name}: summary_at=first_step cannot work under recipe {session.recipe.name!r}: a block's "
+            f"first step runs when it enters the rolling window, while blocks committed after it are still "
+            f"being denoised, and after_step sees each block only as its window's first block, at its last "
+            f"step; use summary_at=final (a retry re-runs one window call)"
+        )
+    stagger = session.recipe.stagger if session.recipe is not None else None
+    if stagger is not None and stagger.ar_step < stagger.steps and summary_at == "first_step":
+        raise ParameterError(
+            f"{name}: summary_at=first_step cannot work under recipe {session.recipe.name!r}: a block's "
+            f"first step runs while the block before it is still being denoised (ar_step={stagger.ar_step} < "
+            f"{stagger.steps} steps), and after_step sees a block only once it is its call's first block, "
+            f"from step {stagger.steps - stagger.ar_step} on; use summary_at=final (a retry re-runs one call)"
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # Per-rollout state
 # --------------------------------------------------------------------------------------------------
@@ -306,41 +351,7 @@ class TokenTrim(Policy):
     @hookimpl
     def cachepolicy_session_start(self, session: Session) -> None:
         """Check that the adapter lays latents out on the cache's token grid (a one-frame zero probe)."""
-        import torch
-
-        info = session.model
-        probe = torch.zeros(1, info.latent_channels, 1, info.latent_height, info.latent_width,
-                            device=session.cache.device, dtype=session.cache.dtype)
-        try:
-            grid = session.adapter.token_grid(probe)
-        except NotImplementedError as exc:
-            raise ParameterError(
-                f"tokentrim cannot run on model {info.name!r}: its adapter {info.adapter!r} provides no "
-                f"token-grid mapping (ModelAdapter.token_grid), which TokenTrim needs to compare latent "
-                f"summaries token by token; use an adapter that implements token_grid"
-            ) from exc
-        if grid.ndim != 4 or grid.shape[:3] != (1, 1, info.tokens_per_frame):
-            raise ParameterError(
-                f"tokentrim: adapter {info.adapter!r} maps a [1, C, 1, H, W] latent to a token grid of shape "
-                f"{tuple(grid.shape)}; expected [1, 1, {info.tokens_per_frame}, D] (tokens_per_frame = "
-                f"{info.token_rows}x{info.token_cols})"
-            )
-        rolling = session.recipe is not None and session.recipe.rolling is not None
-        if rolling and self.summary_at == "first_step":
-            raise ParameterError(
-                f"tokentrim: summary_at=first_step cannot work under recipe {session.recipe.name!r}: a block's "
-                f"first step runs when it enters the rolling window, while blocks committed after it are still "
-                f"being denoised, and after_step sees each block only as its window's first block, at its last "
-                f"step; use summary_at=final (a retry re-runs one window call)"
-            )
-        stagger = session.recipe.stagger if session.recipe is not None else None
-        if stagger is not None and stagger.ar_step < stagger.steps and self.summary_at == "first_step":
-            raise ParameterError(
-                f"tokentrim: summary_at=first_step cannot work under recipe {session.recipe.name!r}: a block's "
-                f"first step runs while the block before it is still being denoised (ar_step={stagger.ar_step} < "
-                f"{stagger.steps} steps), and after_step sees a block only once it is its call's first block, "
-                f"from step {stagger.steps - stagger.ar_step} on; use summary_at=final (a retry re-runs one call)"
-            )
+        check_session(self.name, self.summary_at, session, label="TokenTrim")
         state: TokenTrimState = self.state(session)
         state.previous = None
         state.history = [[] for _ in range(session.batch_size)]
