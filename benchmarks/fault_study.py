@@ -62,7 +62,7 @@ from cachepolicy.adapters.wan.tiny import load_tiny_wan
 from cachepolicy.engine import RolloutConfig, RolloutResult, Session
 from cachepolicy.models import Sampler
 from cachepolicy.hookspecs import hookimpl
-from cachepolicy.plugins.fault import Fault, corrupt
+from cachepolicy.plugins.fault import Fault, corrupt, latent_patches, patches_latent
 from cachepolicy.policy import Policy, build_policies
 from cachepolicy.registry import discover
 from cachepolicy.stats import mean_ci, paired_difference
@@ -154,20 +154,14 @@ class PlacedFault(Fault):
         """Return chunk K's latent ``[B, C, F, H, W]`` with each sample's patches corrupted."""
         if candidate.chunk != self.chunk:
             return None
-        info = session.model
-        rows, cols = info.token_rows, info.token_cols
-        p_h, p_w = info.latent_height // rows, info.latent_width // cols
         latent = candidate.x0
-        batch, channels, frames = latent.shape[:3]
-        tokens = (latent.reshape(batch, channels, frames, rows, p_h, cols, p_w)
-                  .permute(0, 3, 5, 1, 2, 4, 6).reshape(batch, rows * cols, channels, frames, p_h, p_w).clone())
+        tokens = latent_patches(latent, session.model)
         state = self.state(session)
-        for b in range(batch):
+        for b in range(latent.shape[0]):
             positions = torch.tensor(self.per_sample[b], dtype=torch.long, device=latent.device)
             tokens[b, positions] = corrupt(tokens[b, positions], self.mode, self.scale, self._generator(session, b))
             state["faulted"][b] = sorted(self.per_sample[b])
-        return (tokens.reshape(batch, rows, cols, channels, frames, p_h, p_w)
-                .permute(0, 3, 4, 1, 5, 2, 6).reshape(latent.shape))
+        return patches_latent(tokens, session.model)
 
 
 def token_motion(adapter, latents: torch.Tensor) -> torch.Tensor:

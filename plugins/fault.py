@@ -109,6 +109,24 @@ def corrupt(values: torch.Tensor, mode: str, scale: float, generator: torch.Gene
     raise ParameterError(f"fault: mode={mode!r} is not allowed; choose one of noise, constant, swap")
 
 
+def latent_patches(latent: torch.Tensor, model: ModelInfo) -> torch.Tensor:
+    """``[B, C, F, H, W]`` latent -> a copy as ``[B, N, C, F, p_h, p_w]`` patches, token-major in the cache's
+    row-major spatial order (``N = token_rows * token_cols``)."""
+    rows, cols = model.token_rows, model.token_cols
+    p_h, p_w = model.latent_height // rows, model.latent_width // cols
+    batch, channels, frames = latent.shape[:3]
+    return (latent.reshape(batch, channels, frames, rows, p_h, cols, p_w)
+            .permute(0, 3, 5, 1, 2, 4, 6).reshape(batch, rows * cols, channels, frames, p_h, p_w).clone())
+
+
+def patches_latent(patches: torch.Tensor, model: ModelInfo) -> torch.Tensor:
+    """The inverse of :func:`latent_patches`: ``[B, N, C, F, p_h, p_w]`` -> ``[B, C, F, H, W]``."""
+    batch, _, channels, frames, p_h, p_w = patches.shape
+    rows, cols = model.token_rows, model.token_cols
+    return (patches.reshape(batch, rows, cols, channels, frames, p_h, p_w)
+            .permute(0, 3, 4, 1, 5, 2, 6).reshape(batch, channels, frames, rows * p_h, cols * p_w))
+
+
 @attrs.frozen
 class Fault(Policy):
     """Corrupt chosen spatial tokens of chunk ``chunk``, in the cached K/V or in the committed latent.
@@ -208,26 +226,19 @@ class Fault(Policy):
         if self.target != "latent" or candidate.chunk != self.chunk:
             return None
         state = self.state(session)
-        info = session.model
         positions: torch.Tensor = state["positions"]
-        rows, cols = info.token_rows, info.token_cols
-        p_h, p_w = info.latent_height // rows, info.latent_width // cols
         latent = candidate.x0
-        batch, channels, frames = latent.shape[:3]
-        # [B, C, F, H, W] -> [B, N, C, F, p_h, p_w] (token-major, the cache's row-major spatial order)
-        tokens = (latent.reshape(batch, channels, frames, rows, p_h, cols, p_w)
-                  .permute(0, 3, 5, 1, 2, 4, 6).reshape(batch, rows * cols, channels, frames, p_h, p_w).clone())
+        tokens = latent_patches(latent, session.model)
         device_positions = positions.to(latent.device)
         sources = None
         if self.mode == "swap":
             lookup = {int(p): i for i, p in enumerate(positions.tolist())}
             sources = torch.tensor([lookup[int(s)] for s in swap_sources(positions, self.seed).tolist()])
-        for b in range(batch):
+        for b in range(latent.shape[0]):
             values = tokens[b, device_positions]
             tokens[b, device_positions] = corrupt(values, self.mode, self.scale, self._generator(session, b), sources)
             state["faulted"][b] = positions.tolist()
-        out = (tokens.reshape(batch, rows, cols, channels, frames, p_h, p_w)
-               .permute(0, 3, 4, 1, 5, 2, 6).reshape(latent.shape))
+        out = patches_latent(tokens, session.model)
         logger.info("fault: corrupted the latent of chunk %d at %d positions (%s, scale %g)", self.chunk,
                     positions.numel(), self.mode, self.scale)
         return out

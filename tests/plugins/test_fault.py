@@ -175,3 +175,18 @@ def test_deterministic_and_batch_invariant(tiny_wan, registry, target):
     assert (a.latents[1:] - alone.latents).abs().max() <= 1e-5
     _, other = run(adapter, registry, spec.replace("seed=5", "seed=6"), chunks=2, seeds=(0, 1))
     assert not torch.equal(a.latents, other.latents)
+
+
+def test_latent_patches_are_the_cache_token_order_and_invert():
+    from types import SimpleNamespace
+
+    from cachepolicy.plugins.fault import latent_patches, patches_latent
+
+    model = SimpleNamespace(token_rows=2, token_cols=3, latent_height=4, latent_width=6)
+    latent = torch.arange(2 * 5 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 5, 3, 4, 6)
+    patches = latent_patches(latent, model)
+    assert patches.shape == (2, 6, 5, 3, 2, 2)
+    for row in range(2):
+        for col in range(3):  # token row * cols + col holds the (row, col) patch of every channel and frame
+            assert torch.equal(patches[:, row * 3 + col], latent[:, :, :, 2 * row:2 * row + 2, 2 * col:2 * col + 2])
+    assert torch.equal(patches_latent(patches, model), latent)
